@@ -1,0 +1,85 @@
+"""Minimal end-to-end Adjoint Matching fine-tune on an exact Gaussian-mixture base.
+
+Base: the exact mixture velocity (``am_jax.gmm.velocity``), so every error is a fine-tuning error.
+Fine-tuned: base + a small Flax MLP residual initialised to output zero.  Optimiser: optax Adam.
+Each training step (sample trajectories, lean adjoint, loss, gradient, update) is one ``jax.jit``.
+Used by the tests, by ``experiments/toy_figure.py`` and as a template for user code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from am_jax import gmm as gmm_lib
+from am_jax import losses
+from am_jax import metrics
+from am_jax import models
+from am_jax import sampling
+
+
+class ToyResult(NamedTuple):
+  params: object            # trained residual params (pytree)
+  apply_fn: Callable        # fine-tuned velocity apply_fn(params, x, t)
+  history: dict             # step -> diagnostics (floats) at logged steps
+  seconds: float            # training wall-clock (after compilation of the first step)
+
+
+def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: losses.AMConfig = losses.AMConfig(),
+                     *, steps: int = 1000, batch_size: int = 512, learning_rate: float = 1e-3,
+                     hidden=(64, 64), parameterisation: str = "control", seed: int = 0, log_every: int = 0,
+                     log_fn: Callable = print) -> ToyResult:
+  """Fine-tunes an exact mixture base toward p_base exp(lambda * reward) with Adjoint Matching."""
+  base_apply = lambda p, x, t: gmm_lib.velocity(p, x, t, config.schedule)  # noqa: E731
+  net = models.MLP(gmm.dim, hidden=hidden, zero_init_output=True, rngs=nnx.Rngs(seed))
+  net_apply, params = models.functional(net)
+  ft_apply = models.residual_model(base_apply, gmm, net_apply, config.schedule, parameterisation)
+  opt = optax.adam(learning_rate)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, key):
+    def loss_fn(p):
+      return losses.adjoint_matching_objective(ft_apply, p, base_apply, gmm, reward_fn, key,
+                                               (batch_size, gmm.dim), config)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, dict(aux, loss=loss)
+
+  key = jax.random.PRNGKey(seed)
+  history = {}
+  start = None
+  for step in range(steps):
+    key, sub = jax.random.split(key)
+    params, opt_state, aux = train_step(params, opt_state, sub)
+    if step == 0:
+      jax.block_until_ready(params)
+      start = time.perf_counter()
+    if log_every and (step % log_every == 0 or step == steps - 1):
+      history[step] = {k: float(v) for k, v in aux.items()}
+      if log_fn:
+        log_fn(f"step {step:5d}  loss {history[step]['loss']:.4f}  reward {history[step]['reward_mean']:.4f}")
+  jax.block_until_ready(params)
+  return ToyResult(params, ft_apply, history, time.perf_counter() - start)
+
+
+def evaluate_against_target(result: ToyResult, target: gmm_lib.GaussianMixture, schedule, *, diffusion="ode",
+                            num_samples: int = 20000, num_steps: int = 100, seed: int = 1) -> dict:
+  """Samples the fine-tuned model and measures W1 (1-D) or sliced W1 (d > 1) to an exact target.
+
+  Also reports the distance between two independent target samples of the same size (the noise floor).
+  """
+  k_model, k_t1, k_t2 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  xs = jax.jit(lambda p, k: sampling.sample(result.apply_fn, p, k, (num_samples, target.dim), schedule, diffusion,
+                                            num_steps))(result.params, k_model)
+  ref = gmm_lib.sample(target, k_t1, num_samples)
+  ref2 = gmm_lib.sample(target, k_t2, num_samples)
+  dist = metrics.wasserstein1_1d if target.dim == 1 else metrics.sliced_wasserstein1
+  mass = metrics.mode_mass(xs, target.means)
+  return {"distance": dist(xs, ref), "noise_floor": dist(ref2, ref), "mode_mass": mass.tolist(),
+          "target_mass": [float(w) for w in target.weights], "samples": xs}
