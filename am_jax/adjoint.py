@@ -48,8 +48,11 @@ def terminal_adjoint(reward_fn: Callable, x1, reward_multiplier=1.0, cond=()):
     return jnp.sum(r), r
 
   grad, rewards = jax.grad(total, has_aux=True)(x1)
-  grad = eqx.error_if(grad, ~jnp.all(jnp.isfinite(rewards)), "reward_fn returned a non-finite reward (NaN/inf).")
-  grad = eqx.error_if(grad, ~jnp.all(jnp.isfinite(grad)), "The reward gradient is not finite (NaN/inf).")
+  # Guard both outputs, so the check survives dead-code elimination when only one is used.
+  grad, rewards = eqx.error_if((grad, rewards), ~jnp.all(jnp.isfinite(rewards)),
+                               "reward_fn returned a non-finite reward (NaN/inf).")
+  grad, rewards = eqx.error_if((grad, rewards), ~jnp.all(jnp.isfinite(grad)),
+                               "The reward gradient is not finite (NaN/inf).")
   return -reward_multiplier * grad, rewards
 
 

@@ -1,0 +1,601 @@
+"""Adjoint Matching as a general stochastic-optimal-control (SOC) solver, and the SOC-matching benchmarks.
+
+Problem (Domingo-Enrich et al. 2023, "Stochastic Optimal Control Matching", Sec. 5):
+
+    min_u  E[ int_0^T (1/2 |u(X_t, t)|^2 + f(X_t, t)) dt + g(X_T) ],
+    dX_t = (b(X_t, t) + sigma(t) u(X_t, t)) dt + sqrt(lambda) sigma(t) dB_t,   X_0 ~ p_0.
+
+Value V(t, x) = min_u E[cost from (t, x)]; the optimal control is u*(t, x) = -sigma(t)^T grad_x V(t, x), and
+for lambda = 1, V = -log E[exp(-int_t^T f - g(X_T)) | X_t = x] under the uncontrolled process (u = 0).
+
+Discretisation (everything below uses it).  Uniform grid t_k = k h, h = T / K, k = 0..K, Euler-Maruyama:
+
+    X_{k+1} = X_k + h (b(X_k, t_k) + sigma_k u_k) + sqrt(lambda h) sigma_k xi_k,   u_k = u(X_k, t_k),
+    J = sum_{k<K} h (1/2 |u_k|^2 + f(X_k, t_k)) + g(X_K),                        sigma_k = sigma(t_k).
+
+Lean adjoint with running cost.  Continuous time: d a / dt = -(grad_x b)^T a - grad_x f, a(T) = grad g(X_T).
+The exact discrete counterpart is the chain rule through one Euler step of the *base* drift plus the
+running cost it pays:  with phi_k(x) = x + h b(x, t_k) and c_k(x) = h f(x, t_k),
+
+    a_K = grad g(X_K),    a_k = (d phi_k / dx)^T a_{k+1} + grad c_k = a_{k+1} + h (grad_x b_k)^T a_{k+1} + h grad_x f_k.
+
+For u = 0 this is the pathwise gradient d J / d X_k with the noise held fixed (``tests/test_soc.py``
+checks it against ``jax.grad``).  "Lean": the control terms of the full adjoint,
+h (grad_x u_k)^T (u_k + sigma_k^T a_{k+1}), are dropped; their conditional mean given X_k vanishes at the
+optimum, so by the tower property E[a_k | X_k] = grad V_k(X_k) still holds there.
+
+Pairing X_k with a_{k+1}.  u_k only moves X_{k+1} (d X_{k+1} / d u_k = h sigma_k), so the discrete dynamic
+programme  V_k(x) = min_u { h/2 |u|^2 + h f(x, t_k) + E V_{k+1}(X_{k+1}) }  gives
+u_k*(x) = -sigma_k^T E[grad V_{k+1}(X_{k+1}) | X_k = x] = -sigma_k^T E[a_{k+1} | X_k = x].  Hence the
+regression  min_u E sum_k h |u(X_k, t_k) + sigma_k^T a_{k+1}|^2  has the discrete-time optimum as its fixed
+point; pairing with a_k instead adds the O(h) term h grad f + h (grad b)^T a (it is the same in the
+continuous limit).  The learned control is compared with the continuous u*(t_k, x), which differs from the
+discrete optimum by O(h): that sets a floor on the L2 error (notes_soc.md quantifies it for Linear OU).
+
+Baselines.  ``discrete_adjoint_loss``: the mean cost J of one batch, differentiated by backprop through the
+scanned Euler-Maruyama loop with the noise fixed (discretise-then-optimise).  ``continuous_adjoint_loss``:
+optimise-then-discretise; the full adjoint ODE  da/dt = -(grad_x (b + sigma u))^T a - grad_x (|u|^2/2 + f)
+is integrated backward by explicit Euler in reversed time (vector field taken at the start t_{k+1} of each
+reverse step) along the stored trajectory, and the gradient int (d u / d theta)^T (u + sigma^T a) dt is a
+left Riemann sum.  It differs from the exact discrete gradient at O(h).
+
+Shapes: x (B, d); time arguments of problem callables are scalars; ``control_apply(params, x, t)`` takes
+t of shape (B,) (like ``am_jax.models.functional``) and returns (B, d).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import chex
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PROBLEMS = ("quadratic_easy", "quadratic_hard", "linear_ou", "double_well")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SOCProblem:
+  """A control-affine SOC problem (pure callables + constants).  Hashable by identity: usable as a jit static arg.
+
+  Attributes:
+    name: label.
+    dim: state dimension d.
+    drift: b(x (B, d), t scalar) -> (B, d), the uncontrolled drift.
+    sigma: sigma(t scalar) -> (d, d) matrix, or (d,) for a diagonal sigma.
+    running_cost: f(x (B, d), t scalar) -> (B,).
+    terminal_cost: g(x (B, d)) -> (B,).
+    x0_sampler: (key, n) -> (n, d) initial states.
+    T: horizon.
+    num_steps: K, number of uniform Euler-Maruyama steps.
+    lambda_: noise level lambda (the diffusion is sqrt(lambda) sigma).
+    u_star: optional reference control u*(t scalar, x (B, d)) -> (B, d).
+    info: optional dict of problem constants (matrices, reference grids) for tests and reports.
+  """
+
+  name: str
+  dim: int
+  drift: Callable
+  sigma: Callable
+  running_cost: Callable
+  terminal_cost: Callable
+  x0_sampler: Callable
+  T: float = 1.0
+  num_steps: int = 100
+  lambda_: float = 1.0
+  u_star: Optional[Callable] = None
+  info: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def dt(self) -> float:
+    return self.T / self.num_steps
+
+  def times(self):
+    """(K+1,) grid t_k = k h (float32)."""
+    return self.dt * jnp.arange(self.num_steps + 1, dtype=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sigma helpers (sigma is (d, d) or diagonal (d,)); u and a are (..., d) batches of row vectors.
+
+
+def apply_sigma(sig, u):
+  """sigma u for each row of u (..., d)."""
+  return sig * u if sig.ndim == 1 else u @ sig.T
+
+
+def apply_sigma_t(sig, a):
+  """sigma^T a for each row of a (..., d)."""
+  return sig * a if sig.ndim == 1 else a @ sig
+
+
+def zero_control(params, x, t):
+  """The uncontrolled process: u = 0."""
+  del params, t
+  return jnp.zeros_like(x)
+
+
+def reference_as_control(u_star: Callable) -> Callable:
+  """Wraps u*(t scalar, x) as control_apply(params, x, t (B,)); the grid is uniform so t[0] is the time."""
+  return lambda params, x, t: u_star(t[0], x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward simulation.
+
+
+def draw_initial_and_noise(problem: SOCProblem, key, batch: int):
+  """x0 (B, d) from the problem's sampler and standard normal xi (K, B, d)."""
+  k0, kn = jax.random.split(key)
+  x0 = problem.x0_sampler(k0, batch).astype(jnp.float32)
+  noise = jax.random.normal(kn, (problem.num_steps, batch, problem.dim), jnp.float32)
+  return x0, noise
+
+
+def rollout(problem: SOCProblem, control_fn: Callable, params, x0, noise):
+  """Euler-Maruyama under the control u = control_fn(params, x, t), accumulating the cost.
+
+  Differentiable in params and x0 (backprop through the scan is the discrete adjoint method).
+
+  Args:
+    problem: the SOCProblem.
+    control_fn: ``control_fn(params, x (B, d), t (B,)) -> (B, d)``.
+    params: control parameters (any pytree).
+    x0: (B, d) initial states.
+    noise: (K, B, d) standard normal draws xi_k.
+
+  Returns:
+    traj (K+1, B, d) states X_0..X_K; controls (K, B, d) u_k = u(X_k, t_k); cost (B,) per-path J.
+  """
+  chex.assert_shape(noise, (problem.num_steps,) + x0.shape)
+  h = problem.dt
+  noise_scale = jnp.sqrt(problem.lambda_ * h).astype(jnp.float32)
+  batch = x0.shape[0]
+
+  def body(carry, inp):
+    x, cost = carry
+    t, xi = inp
+    u = control_fn(params, x, jnp.full((batch,), t, jnp.float32))
+    sig = problem.sigma(t)
+    x_next = x + h * (problem.drift(x, t) + apply_sigma(sig, u)) + noise_scale * apply_sigma(sig, xi)
+    # Left-point (Ito) rule for the running cost, matching the Euler step that produced X_{k+1}.
+    cost = cost + h * (0.5 * jnp.sum(u**2, axis=-1) + problem.running_cost(x, t))
+    return (x_next, cost), (x_next, u)
+
+  (x_last, run_cost), (xs, us) = jax.lax.scan(body, (x0, jnp.zeros((batch,), jnp.float32)),
+                                              (problem.times()[:-1], noise))
+  traj = jnp.concatenate([x0[None], xs], axis=0)
+  return traj, us, run_cost + problem.terminal_cost(x_last)
+
+
+def simulate_controlled(problem: SOCProblem, control_fn: Callable, params, key, batch: int):
+  """Trajectories (K+1, B, d) of the current control, without gradient (AM samples with stop-gradient)."""
+  x0, noise = draw_initial_and_noise(problem, key, batch)
+  traj, _, _ = rollout(problem, control_fn, jax.lax.stop_gradient(params), x0, noise)
+  return jax.lax.stop_gradient(traj)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adjoints.
+
+
+def _terminal_adjoint(problem: SOCProblem, x_last):
+  """a_K = grad g(X_K), (B, d)."""
+  return jax.grad(lambda x: jnp.sum(problem.terminal_cost(x)))(x_last)
+
+
+def lean_adjoint_soc(problem: SOCProblem, traj):
+  """Lean adjoint with running cost, backward over a stored trajectory (exact VJP of the base Euler step).
+
+      a_K = grad g(X_K),   a_k = a_{k+1} + h (grad_x b(X_k, t_k))^T a_{k+1} + h grad_x f(X_k, t_k).
+
+  One VJP per step of x -> (h b(x, t_k), h sum_b f(x_b, t_k)) with cotangent (a_{k+1}, 1).
+
+  Args:
+    problem: the SOCProblem.
+    traj: (K+1, B, d) trajectory (treated as constant).
+
+  Returns:
+    (K+1, B, d) adjoint a_0..a_K.
+  """
+  chex.assert_axis_dimension(traj, 0, problem.num_steps + 1)
+  traj = jax.lax.stop_gradient(traj)
+  h = problem.dt
+  a_last = _terminal_adjoint(problem, traj[-1])
+
+  def body(a_next, inp):
+    x, t = inp
+    # The batch sum of f gives per-sample gradients because f acts on each row independently.
+    _, vjp = jax.vjp(lambda y: (h * problem.drift(y, t), h * jnp.sum(problem.running_cost(y, t))), x)
+    (da,) = vjp((a_next, jnp.ones((), x.dtype)))
+    a = a_next + da
+    return a, a
+
+  _, a_rev = jax.lax.scan(body, a_last, (traj[:-1], problem.times()[:-1]), reverse=True)
+  return jnp.concatenate([a_rev, a_last[None]], axis=0)
+
+
+def full_adjoint_continuous(problem: SOCProblem, control_fn: Callable, params, traj):
+  """Full adjoint ODE, explicit Euler in reversed time (optimise-then-discretise; the continuous adjoint method).
+
+      a(T) = grad g(X_T),   da/dt = -(grad_x (b + sigma u))^T a - grad_x (|u|^2 / 2 + f),
+      a_k = a_{k+1} + h [(grad_x (b + sigma u))^T a + grad_x (|u|^2 / 2 + f)] at (X_{k+1}, t_{k+1}, a_{k+1}).
+
+  Returns (K+1, B, d); params and traj are constants here (stop-gradient).
+  """
+  traj, params = jax.lax.stop_gradient(traj), jax.lax.stop_gradient(params)
+  h, ts = problem.dt, problem.times()
+  a_last = _terminal_adjoint(problem, traj[-1])
+
+  def field(y, t):
+    u = control_fn(params, y, jnp.full((y.shape[0],), t, jnp.float32))
+    return (problem.drift(y, t) + apply_sigma(problem.sigma(t), u),
+            jnp.sum(0.5 * jnp.sum(u**2, -1) + problem.running_cost(y, t)))
+
+  def body(a_next, inp):
+    x, t = inp
+    _, vjp = jax.vjp(lambda y: field(y, t), x)
+    (da,) = vjp((a_next, jnp.ones((), x.dtype)))
+    a = a_next + h * da
+    return a, a
+
+  _, a_rev = jax.lax.scan(body, a_last, (traj[1:], ts[1:]), reverse=True)
+  return jnp.concatenate([a_rev, a_last[None]], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses.
+
+
+def _sigma_grid(problem: SOCProblem):
+  """sigma(t_k) for k < K: (K, d, d) or (K, d)."""
+  return jax.vmap(problem.sigma)(problem.times()[:-1])
+
+
+def _apply_sigma_t_grid(sig, a):
+  """sigma_k^T a_k for a (K, B, d) with sig (K, d, d) or (K, d)."""
+  if sig.ndim == 2:
+    return sig[:, None, :] * a
+  return jnp.einsum("kij,kbi->kbj", sig, a)
+
+
+def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, states):
+  """u(X_k, t_k) for states (K, B, d) in one batched call -> (K, B, d)."""
+  k, b, d = states.shape
+  t = jnp.repeat(problem.times()[:k], b)
+  return control_apply(params, states.reshape(k * b, d), t).reshape(k, b, d)
+
+
+def am_soc_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint):
+  """Adjoint Matching regression for SOC:  L = E sum_{k<K} h |u(X_k, t_k) + sigma_k^T a_{k+1}|^2.
+
+  Args:
+    control_apply: ``control_apply(params, x (N, d), t (N,)) -> (N, d)``; the only thing differentiated.
+    params: control parameters.
+    problem: the SOCProblem.
+    traj: (K+1, B, d) trajectories of the current control (stop-gradient).
+    adjoint: (K+1, B, d) lean adjoint (``lean_adjoint_soc``); X_k is paired with a_{k+1} (module doc).
+
+  Returns:
+    (loss, aux) with aux = {'control_norm': E int |u|^2, 'target_norm': E int |sigma^T a|^2}.
+  """
+  traj, adjoint = jax.lax.stop_gradient(traj), jax.lax.stop_gradient(adjoint)
+  chex.assert_equal_shape([traj, adjoint])
+  chex.assert_axis_dimension(traj, 0, problem.num_steps + 1)
+  h = problem.dt
+  target = -_apply_sigma_t_grid(_sigma_grid(problem), adjoint[1:])
+  u = _control_on_grid(control_apply, params, problem, traj[:-1])
+  per_path = h * jnp.sum((u - target) ** 2, axis=(0, 2))
+  aux = {"control_norm": h * jnp.mean(jnp.sum(u**2, axis=(0, 2))),
+         "target_norm": h * jnp.mean(jnp.sum(target**2, axis=(0, 2)))}
+  return jnp.mean(per_path), aux
+
+
+def am_soc_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
+  """One AM update's loss: sample (stop-gradient) trajectories, lean adjoint, regression.  Grad w.r.t. params."""
+  traj = simulate_controlled(problem, control_apply, params, key, batch)
+  return am_soc_loss(control_apply, params, problem, traj, lean_adjoint_soc(problem, traj))
+
+
+def discrete_adjoint_loss(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
+  """Mean cost of a batch; its gradient is backprop through the discretised SDE with fixed noise.
+
+  Returns (loss, aux) with aux = {'objective': the same mean cost}.
+  """
+  x0, noise = draw_initial_and_noise(problem, key, batch)
+  _, _, cost = rollout(problem, control_apply, params, x0, noise)
+  return jnp.mean(cost), {"objective": jnp.mean(cost)}
+
+
+def continuous_adjoint_loss(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
+  """Surrogate whose gradient is E sum_k h (d u_k / d theta)^T (u_k + sigma_k^T a_k), a from the full adjoint ODE.
+
+  The value is not the cost; aux['objective'] is the batch's mean cost.
+  """
+  x0, noise = draw_initial_and_noise(problem, key, batch)
+  traj, us, cost = rollout(problem, control_apply, jax.lax.stop_gradient(params), x0, noise)
+  traj = jax.lax.stop_gradient(traj)
+  adj = full_adjoint_continuous(problem, control_apply, params, traj)
+  weight = jax.lax.stop_gradient(us + _apply_sigma_t_grid(_sigma_grid(problem), adj[:-1]))
+  u = _control_on_grid(control_apply, params, problem, traj[:-1])
+  surrogate = problem.dt * jnp.mean(jnp.sum(u * weight, axis=(0, 2)))
+  return surrogate, {"objective": jnp.mean(jax.lax.stop_gradient(cost))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate_control(problem: SOCProblem, control_apply: Callable, params, u_star: Optional[Callable], key,
+                     batch: int):
+  """Control objective and L2 error from one batch of trajectories of the learned control.
+
+  Returns a dict of scalars: objective, objective_se (std / sqrt(B) of the per-path cost J), and if u_star
+  is given l2_error, l2_error_se (the estimator of ``l2_error``, and its standard error over paths).
+  """
+  x0, noise = draw_initial_and_noise(problem, key, batch)
+  traj, us, cost = rollout(problem, control_apply, params, x0, noise)
+  out = {"objective": jnp.mean(cost), "objective_se": jnp.std(cost, ddof=1) / jnp.sqrt(batch)}
+  if u_star is not None:
+    u_ref = jax.vmap(u_star)(problem.times()[:-1], traj[:-1])
+    per_path = problem.dt * jnp.sum((us - u_ref) ** 2, axis=(0, 2))
+    out["l2_error"] = jnp.mean(per_path)
+    out["l2_error_se"] = jnp.std(per_path, ddof=1) / jnp.sqrt(batch)
+  return out
+
+
+def control_objective(problem: SOCProblem, control_apply: Callable, params, key, batch: int):
+  """(mean, standard error) of J = sum_k h (|u_k|^2 / 2 + f(X_k, t_k)) + g(X_K) over `batch` paths."""
+  out = evaluate_control(problem, control_apply, params, None, key, batch)
+  return out["objective"], out["objective_se"]
+
+
+def l2_error(problem: SOCProblem, control_apply: Callable, params, u_star: Callable, key, batch: int):
+  """Control L2 error  E int_0^T |u(X_t, t) - u*(t, X_t)|^2 dt  along paths of the learned control.
+
+  Estimator: (1/B) sum_b sum_{k<K} h |u(X_k^b, t_k) - u*(t_k, X_k^b)|^2 over B Euler-Maruyama paths of
+  the learned control (left Riemann sum; with T = 1 it is also the mean over the time grid times T).
+  """
+  return evaluate_control(problem, control_apply, params, u_star, key, batch)["l2_error"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference solutions.
+
+
+def solve_riccati(A, P, Q, S, T: float, rtol: float = 1e-6, atol: float = 1e-8) -> diffrax.Solution:
+  """Backward matrix Riccati ODE of the linear-quadratic problem, dense output.
+
+  V(t, x) = x^T F(t) x + c(t) for b = A x, f = x^T P x, g = x^T Q x, sigma sigma^T = S, lambda = 1:
+
+      dF/dt = -A^T F - F A + 2 F S F - P,   F(T) = Q,      u*(t, x) = -2 sigma^T F(t) x.
+
+  (From the HJB  V_t + b.grad V + 1/2 tr(S hess V) - 1/2 |sigma^T grad V|^2 + f = 0 with the quadratic ansatz.)
+  Solved by diffrax Tsit5 with an adaptive PID step from T to 0; ``sol.evaluate(t)`` is accurate at any
+  t in [0, T] (dense output), not only at grid times.
+  """
+  A, P, Q, S = (jnp.asarray(m, jnp.float32) for m in (A, P, Q, S))
+
+  def field(t, F, args):
+    return -A.T @ F - F @ A + 2.0 * F @ S @ F - P
+
+  return diffrax.diffeqsolve(diffrax.ODETerm(field), diffrax.Tsit5(), t0=T, t1=0.0, dt0=-T / 100, y0=Q,
+                             saveat=diffrax.SaveAt(dense=True),
+                             stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=100_000)
+
+
+def _bernoulli(z):
+  """B(z) = z / (exp(z) - 1), B(0) = 1 (numpy float64)."""
+  z = np.asarray(z, np.float64)
+  small = np.abs(z) < 1e-8
+  safe = np.where(small, 1.0, z)
+  return np.where(small, 1.0 - z / 2, safe / np.expm1(safe))
+
+
+def generator_1d(drift_1d: Callable, x_grid, diffusion: float):
+  """Scharfetter-Gummel generator Q (N, N) of the 1-D diffusion dX = b(X) dt + sqrt(2 D) dB on a uniform grid.
+
+  Rates to the neighbours across the edge midpoint m = (x_i + x_{i+1}) / 2, with z = b(m) dx / D:
+      q_{i -> i+1} = D / dx^2 B(-z),   q_{i+1 -> i} = D / dx^2 B(z),   B(z) = z / (e^z - 1).
+  This is a CTMC generator (rates >= 0, rows sum to 0) that is exact for a constant drift, second-order
+  consistent for smooth b, and well behaved at large |b| dx / D (no negative rates, unlike central
+  differences).  Reflecting ends: the grid must be wide enough that the boundary is never felt.
+  """
+  x = np.asarray(x_grid, np.float64)
+  dx = x[1] - x[0]
+  b_mid = drift_1d(0.5 * (x[1:] + x[:-1]))
+  z = b_mid * dx / diffusion
+  up, down = diffusion / dx**2 * _bernoulli(-z), diffusion / dx**2 * _bernoulli(z)
+  n = x.shape[0]
+  q = np.zeros((n, n))
+  idx = np.arange(n - 1)
+  q[idx, idx + 1] = up
+  q[idx + 1, idx] = down
+  q[np.arange(n), np.arange(n)] = -q.sum(axis=1)
+  return q
+
+
+def expm_generator(m):
+  """exp(M) for a (scaled) CTMC generator M, numpy float64: scaling and squaring with a degree-10 Taylor.
+
+  After scaling ||M / 2^s||_inf <= 1/32 the Taylor polynomial is entrywise non-negative and the truncation
+  error is < 1e-18; squaring non-negative matrices keeps small entries relatively accurate (no cancellation).
+  """
+  m = np.asarray(m, np.float64)
+  norm = np.abs(m).sum(axis=1).max()
+  s = max(0, int(np.ceil(np.log2(max(norm, 1e-300) * 32.0))))
+  a = m / 2.0**s
+  out = term = np.eye(m.shape[0])
+  for n in range(1, 11):
+    term = term @ a / n
+    out = out + term
+  for _ in range(s):
+    out = out @ out
+  return out
+
+
+def solve_value_1d(drift_1d: Callable, terminal_1d: Callable, T: float, x_max: float, num_x: int, num_t: int,
+                   sigma: float = 1.0, lambda_: float = 1.0):
+  """1-D reference control of  dX = (b(X) + sigma u) dt + sqrt(lambda) sigma dB, cost int |u|^2/2 + g(X_T).
+
+  phi(t, x) = E[exp(-g(X_T) / lambda) | X_t = x] under u = 0 solves the backward Kolmogorov equation
+  phi_t + b phi_x + (lambda sigma^2 / 2) phi_xx = 0, phi(T) = exp(-g / lambda).  V = -lambda log phi and
+
+      u*(t, x) = -sigma dV/dx = lambda sigma d/dx log phi(t, x).
+
+  Method (transition matrix): the generator is discretised on a uniform grid of [-x_max, x_max] as a CTMC
+  (``generator_1d``, D = lambda sigma^2 / 2); one time step delta = T / num_t is the exact CTMC transition
+  matrix M = expm(delta Q) (``expm_generator``), and phi(t_j) = M phi(t_{j+1}).  No time-stepping error;
+  the error is the O(dx^2) of the spatial scheme.  u* is central differences of log phi (float64).
+
+  Returns:
+    (x_grid (num_x,), t_grid (num_t + 1,), u (num_t + 1, num_x), log_phi (num_t + 1, num_x)), numpy float64.
+  """
+  x = np.linspace(-x_max, x_max, num_x)
+  t = np.linspace(0.0, T, num_t + 1)
+  m = expm_generator(T / num_t * generator_1d(drift_1d, x, 0.5 * lambda_ * sigma**2))
+  phi = np.empty((num_t + 1, num_x))
+  phi[-1] = np.exp(-terminal_1d(x) / lambda_)
+  for j in range(num_t - 1, -1, -1):
+    phi[j] = m @ phi[j + 1]
+  log_phi = np.log(np.maximum(phi, 1e-300))
+  u = lambda_ * sigma * np.gradient(log_phi, x, axis=1)
+  return x, t, u, log_phi
+
+
+def interp_uniform_2d(tables, t_grid, x_grid, t, x):
+  """Bilinear interpolation of per-coordinate tables on a uniform (t, x) grid; clamped outside it.
+
+  Args:
+    tables: (d, Nt, Nx) values u_i(t_j, x_l).
+    t_grid: (Nt,) uniform; x_grid: (Nx,) uniform.
+    t: scalar time; x: (B, d).
+
+  Returns:
+    (B, d) with entry [b, i] = u_i(t, x[b, i]).
+  """
+  nt, nx = tables.shape[1], tables.shape[2]
+  ft = jnp.clip((t - t_grid[0]) / (t_grid[1] - t_grid[0]), 0.0, nt - 1.0)
+  jt = jnp.clip(jnp.floor(ft).astype(jnp.int32), 0, nt - 2)
+  wt = ft - jt
+  fx = jnp.clip((x - x_grid[0]) / (x_grid[1] - x_grid[0]), 0.0, nx - 1.0)
+  jx = jnp.clip(jnp.floor(fx).astype(jnp.int32), 0, nx - 2)
+  wx = fx - jx
+  coord = jnp.arange(tables.shape[0])[None, :]
+
+  def at(j, l):
+    return tables[coord, j, l]
+
+  lo = (1 - wx) * at(jt, jx) + wx * at(jt, jx + 1)
+  hi = (1 - wx) * at(jt + 1, jx) + wx * at(jt + 1, jx + 1)
+  return (1 - wt) * lo + wt * hi
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks (SOC-matching suite).  Random constants use fixed seeds of jax.random (so they are not the
+# PyTorch draws of the original code; the statistics are the same).
+
+
+def _fixed_x0(x0_vec):
+  return lambda key, n: jnp.broadcast_to(x0_vec, (n, x0_vec.shape[0]))
+
+
+def quadratic_ou(hard: bool = False, dim: int = 20, num_steps: int = 50, T: float = 1.0, seed: int = 0) -> SOCProblem:
+  """Quadratic Ornstein-Uhlenbeck: b = A x, sigma = I, f = x^T P x, g = x^T Q x, X_0 = x0 fixed.
+
+  Easy: A = 0.2 I, P = 0.2 I, Q = 0.1 I.  Hard: A = I, P = I, Q = 0.5 I.  x0 = 0.5 N(0, I) drawn once with
+  ``seed`` (every path starts there).  Exact u*(t, x) = -2 sigma^T F(t) x from ``solve_riccati``.
+  """
+  a, p, q = (1.0, 1.0, 0.5) if hard else (0.2, 0.2, 0.1)
+  eye = jnp.eye(dim, dtype=jnp.float32)
+  A, P, Q, sig = a * eye, p * eye, q * eye, eye
+  x0 = 0.5 * jax.random.normal(jax.random.PRNGKey(seed), (dim,), jnp.float32)
+  sol = solve_riccati(A, P, Q, sig @ sig.T, T)
+
+  def u_star(t, x):
+    F = sol.evaluate(jnp.asarray(t, jnp.float32))
+    return -2.0 * (x @ F.T) @ sig
+
+  return SOCProblem(
+      name="quadratic_hard" if hard else "quadratic_easy", dim=dim,
+      drift=lambda x, t: x @ A.T, sigma=lambda t: sig,
+      running_cost=lambda x, t: jnp.einsum("bi,ij,bj->b", x, P, x),
+      terminal_cost=lambda x: jnp.einsum("bi,ij,bj->b", x, Q, x),
+      x0_sampler=_fixed_x0(x0), T=T, num_steps=num_steps, lambda_=1.0, u_star=u_star,
+      info={"A": A, "P": P, "Q": Q, "sigma": sig, "x0": x0, "riccati": sol})
+
+
+def linear_ou(dim: int = 10, num_steps: int = 100, T: float = 1.0, seed: int = 0) -> SOCProblem:
+  """Linear Ornstein-Uhlenbeck: b = A x, A = -I + xi, sigma = I + xi, xi = 0.1 N(0, I) (d x d, fixed seed),
+  f = 0, g(x) = omega . x with omega = 1, X_0 = 0.
+
+  V(t, x) = (e^{(T-t) A^T} omega) . x + c(t) (affine: p = grad V solves dp/dt = -A^T p, p(T) = omega), so
+  u*(t) = -sigma^T expm((T - t) A^T) omega, independent of x.
+  """
+  xi = 0.1 * jax.random.normal(jax.random.PRNGKey(seed), (dim, dim), jnp.float32)
+  A = -jnp.eye(dim, dtype=jnp.float32) + xi
+  sig = jnp.eye(dim, dtype=jnp.float32) + xi
+  omega = jnp.ones((dim,), jnp.float32)
+
+  def u_star(t, x):
+    p = jax.scipy.linalg.expm((T - jnp.asarray(t, jnp.float32)) * A.T) @ omega
+    return jnp.broadcast_to(-(sig.T @ p), x.shape)
+
+  return SOCProblem(
+      name="linear_ou", dim=dim, drift=lambda x, t: x @ A.T, sigma=lambda t: sig,
+      running_cost=lambda x, t: jnp.zeros(x.shape[:1], x.dtype), terminal_cost=lambda x: x @ omega,
+      x0_sampler=lambda key, n: jnp.zeros((n, dim), jnp.float32), T=T, num_steps=num_steps, lambda_=1.0,
+      u_star=u_star, info={"A": A, "sigma": sig, "omega": omega, "xi": xi})
+
+
+def double_well(dim: int = 10, num_steps: int = 200, T: float = 1.0, x_max: float = 2.5, num_x: int = 1001,
+                num_t: int = 1000) -> SOCProblem:
+  """Double well: b = -grad Psi, Psi(x) = sum_i kappa_i (x_i^2 - 1)^2, sigma = I, f = 0,
+  g(x) = sum_i nu_i (x_i^2 - 1)^2, kappa_i = 5, nu_i = 3 for i < 3, else 1, 1; X_0 = 0.
+
+  The problem is separable (b, g, and the noise act coordinate-wise; lambda = 1), so
+  V(t, x) = sum_i V_i(t, x_i) and u*_i(t, x) = -dV_i/dx_i(t, x_i).  Each distinct 1-D (kappa, nu) pair is
+  solved once by ``solve_value_1d`` (CTMC transition matrix on [-x_max, x_max], num_x points, num_t time
+  steps; the default num_t = 1000 puts every training-grid time of K = 200 on a table node) and u* is
+  bilinear interpolation of the table.  The grid spacing 0.005 makes the spatial error ~1e-5 relative
+  (notes_soc.md: halving dx changes the L2 error of u* against itself by < 1e-6).
+  """
+  kappa = np.where(np.arange(dim) < 3, 5.0, 1.0)
+  nu = np.where(np.arange(dim) < 3, 3.0, 1.0)
+  tables, cache = [], {}
+  for k_i, n_i in zip(kappa, nu):
+    if (k_i, n_i) not in cache:
+      x_grid, t_grid, u, _ = solve_value_1d(lambda y, k=k_i: -4.0 * k * y * (y**2 - 1.0),
+                                            lambda y, n=n_i: n * (y**2 - 1.0) ** 2, T, x_max, num_x, num_t)
+      cache[(k_i, n_i)] = u
+    tables.append(cache[(k_i, n_i)])
+  tables = jnp.asarray(np.stack(tables), jnp.float32)
+  t_grid, x_grid = jnp.asarray(t_grid, jnp.float32), jnp.asarray(x_grid, jnp.float32)
+  kappa_j, nu_j = jnp.asarray(kappa, jnp.float32), jnp.asarray(nu, jnp.float32)
+  sig = jnp.ones((dim,), jnp.float32)
+
+  def u_star(t, x):
+    return interp_uniform_2d(tables, t_grid, x_grid, t, x)
+
+  return SOCProblem(
+      name="double_well", dim=dim, drift=lambda x, t: -4.0 * kappa_j * x * (x**2 - 1.0), sigma=lambda t: sig,
+      running_cost=lambda x, t: jnp.zeros(x.shape[:1], x.dtype),
+      terminal_cost=lambda x: jnp.sum(nu_j * (x**2 - 1.0) ** 2, axis=-1),
+      x0_sampler=lambda key, n: jnp.zeros((n, dim), jnp.float32), T=T, num_steps=num_steps, lambda_=1.0,
+      u_star=u_star, info={"kappa": kappa, "nu": nu, "tables": tables, "t_grid": t_grid, "x_grid": x_grid})
+
+
+def get_problem(name: str, **kwargs) -> SOCProblem:
+  """Benchmark by name: 'quadratic_easy', 'quadratic_hard', 'linear_ou', 'double_well'."""
+  if name == "quadratic_easy":
+    return quadratic_ou(hard=False, **kwargs)
+  if name == "quadratic_hard":
+    return quadratic_ou(hard=True, **kwargs)
+  if name == "linear_ou":
+    return linear_ou(**kwargs)
+  if name == "double_well":
+    return double_well(**kwargs)
+  raise ValueError(f"Unknown SOC problem {name!r}; expected one of {PROBLEMS}.")

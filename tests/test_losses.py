@@ -1,0 +1,143 @@
+"""The Adjoint Matching loss: interface, jit/vmap/grad, config errors, and its minimiser."""
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from am_jax import gmm, losses, rewards, schedules
+
+S = schedules.LinearSchedule()
+MIX = gmm.bimodal_1d()
+REWARD = rewards.linear_reward(1.0)
+BASE = lambda p, x, t: gmm.velocity(p, x, t, S)  # noqa: E731
+
+
+def _plain_mlp_init(key, dim=1, width=32):
+  """A model written with nothing but jax.numpy: params are a dict, apply is a function."""
+  k1, k2 = jax.random.split(key)
+  return {"w1": 0.3 * jax.random.normal(k1, (dim + 1, width)), "b1": jnp.zeros(width),
+          "w2": 0.01 * jax.random.normal(k2, (width, dim)), "b2": jnp.zeros(dim)}
+
+
+def _plain_mlp_apply(params, x, t):
+  """Fine-tuned velocity = exact base velocity + a plain-JAX residual."""
+  h = jnp.tanh(jnp.concatenate([x, t[:, None]], -1) @ params["w1"] + params["b1"])
+  return gmm.velocity(MIX, x, t, S) + h @ params["w2"] + params["b2"]
+
+
+def test_non_flax_plain_function_model_trains():
+  """A user's own (non-Flax) model plugs into the objective: jit, grad and an optax-free SGD step."""
+  config = losses.AMConfig(num_steps=20, num_random_timesteps=5, num_last_timesteps=5)
+  params = _plain_mlp_init(jax.random.PRNGKey(0))
+
+  @jax.jit
+  def step(params, key):
+    (loss, aux), g = jax.value_and_grad(losses.adjoint_matching_objective, argnums=1, has_aux=True)(
+        _plain_mlp_apply, params, BASE, MIX, REWARD, key, (64, 1), config)
+    return jax.tree.map(lambda p, gi: p - 1e-2 * gi, params, g), loss, aux, g
+
+  new_params, loss, aux, g = step(params, jax.random.PRNGKey(1))
+  assert jax.tree.structure(g) == jax.tree.structure(params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+  assert float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(g))) > 0
+  assert loss.shape == () and float(loss) >= 0
+  for k in ("loss_unclipped", "clip_fraction", "reward_mean", "reward_std", "control_norm", "target_norm"):
+    assert k in aux and np.isfinite(float(aux[k]))
+
+
+def test_equinox_model():
+  """An Equinox module, split into (params, static) by the user, works the same way."""
+  mlp = eqx.nn.MLP(2, 1, 16, 2, key=jax.random.PRNGKey(0))
+  params, static = eqx.partition(mlp, eqx.is_array)
+
+  def apply(p, x, t):
+    net = eqx.combine(p, static)
+    return gmm.velocity(MIX, x, t, S) + 0.01 * jax.vmap(net)(jnp.concatenate([x, t[:, None]], -1))
+
+  config = losses.AMConfig(num_steps=10, num_random_timesteps=3, num_last_timesteps=3, solver="diffrax")
+  (loss, _), g = jax.jit(jax.value_and_grad(
+      lambda p: losses.adjoint_matching_objective(apply, p, BASE, MIX, REWARD, jax.random.PRNGKey(2), (32, 1),
+                                                  config), has_aux=True))(params)
+  assert np.isfinite(float(loss))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+
+
+def test_exact_tilted_velocity_minimises_the_loss():
+  """On trajectories of the optimal model, the exact tilted velocity beats the base and any rescaled control.
+
+  A wrong control scale (e.g. u = (v_ft - v_base) / sigma, missing the 2) or a wrong adjoint
+  pairing moves the minimiser away from scale 1 and fails this test.
+  """
+  lam = 1.0
+  target = gmm.tilt_linear(MIX, lam * 1.0)
+  opt = lambda p, x, t: gmm.velocity(target, x, t, S)  # noqa: E731
+  config = losses.AMConfig(reward_multiplier=lam, loss_clip=None, num_random_timesteps=30, num_last_timesteps=10)
+  batch = jax.jit(lambda k: losses.make_am_batch(opt, None, BASE, MIX, REWARD, k, (20000, 1), config))(
+      jax.random.PRNGKey(3))
+
+  def scaled(s):
+    fn = lambda p, x, t: gmm.velocity(MIX, x, t, S) + s * (opt(p, x, t) - gmm.velocity(MIX, x, t, S))  # noqa: E731
+    return float(losses.adjoint_matching_loss(fn, None, BASE, MIX, batch, jax.random.PRNGKey(0), config)[0])
+
+  scales = np.array([0.0, 0.5, 1.0, 1.5, 2.0])
+  values = np.array([scaled(s) for s in scales])
+  # The loss is quadratic in the scale: fit it and locate the minimiser (1 up to K = 40 discretisation).
+  a, b, _ = np.polyfit(scales, values, 2)
+  s_star = -b / (2 * a)
+  assert 0.75 < s_star < 1.25, (s_star, values)
+  assert values[2] < values[0] - 0.3, values
+
+
+def test_select_timesteps():
+  config = losses.AMConfig()
+  idx = np.asarray(losses.select_timesteps(jax.random.PRNGKey(0), config))
+  assert idx.shape == (20,)
+  np.testing.assert_array_equal(idx[-10:], np.arange(30, 40))
+  assert len(set(idx[:10].tolist())) == 10 and idx[:10].max() < 30
+  idx2 = np.asarray(losses.select_timesteps(jax.random.PRNGKey(1), config))
+  assert not np.array_equal(idx[:10], idx2[:10])
+  small = losses.AMConfig(num_steps=8)  # fewer steps than requested: every step once, no duplicates
+  idx = np.asarray(losses.select_timesteps(jax.random.PRNGKey(0), small))
+  assert sorted(set(idx.tolist())) == idx.tolist() and idx[-1] == 7
+
+
+def test_loss_clip_and_vmap():
+  clip_cfg = losses.AMConfig(num_steps=10, loss_clip=1e-3)
+  noclip = losses.AMConfig(num_steps=10, loss_clip=None)
+  ft = lambda p, x, t: gmm.velocity(MIX, x, t, S) + p * x  # noqa: E731
+  batch = losses.make_am_batch(ft, 0.5, BASE, MIX, REWARD, jax.random.PRNGKey(0), (128, 1), clip_cfg)
+  l_c, a_c = losses.adjoint_matching_loss(ft, 0.5, BASE, MIX, batch, jax.random.PRNGKey(1), clip_cfg)
+  l_n, a_n = losses.adjoint_matching_loss(ft, 0.5, BASE, MIX, batch, jax.random.PRNGKey(1), noclip)
+  assert float(a_c["clip_fraction"]) > 0.5 and float(l_c) <= 1e-3 + 1e-9
+  np.testing.assert_allclose(float(a_c["loss_unclipped"]), float(l_n), rtol=1e-6)
+  keys = jax.random.split(jax.random.PRNGKey(2), 3)
+  per_key = jax.vmap(lambda k: losses.adjoint_matching_loss(ft, 0.5, BASE, MIX, batch, k, noclip)[0])(keys)
+  assert per_key.shape == (3,) and bool(jnp.all(jnp.isfinite(per_key)))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"num_steps": 0}, "num_steps"),
+    ({"time_offset": 0.0}, "time_offset"),
+    ({"random_timestep_fraction": 1.5}, "random_timestep_fraction"),
+    ({"num_random_timesteps": 0, "num_last_timesteps": 0}, "num_random_timesteps"),
+    ({"loss_clip": -1.0}, "loss_clip"),
+    ({"solver": "rk4"}, "solver"),
+    ({"diffusion": "sometimes"}, "diffusion"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+  with pytest.raises((ValueError, TypeError), match=field):
+    losses.AMConfig(**kwargs)
+
+
+def test_bad_inputs():
+  config = losses.AMConfig(num_steps=10)
+  ft = lambda p, x, t: gmm.velocity(MIX, x, t, S)  # noqa: E731
+  batch = losses.make_am_batch(ft, None, BASE, MIX, REWARD, jax.random.PRNGKey(0), (8, 1), config)
+  with pytest.raises(AssertionError):  # trajectory of the wrong length for the config
+    losses.adjoint_matching_loss(ft, None, BASE, MIX, batch._replace(traj=batch.traj[:-1], adjoint=batch.adjoint[:-1]),
+                                 jax.random.PRNGKey(0), config)
+  with pytest.raises(Exception, match="non-finite"):  # NaN reward
+    nan_reward = lambda x: jnp.sqrt(x[:, 0] - 100.0)  # noqa: E731
+    jax.jit(lambda k: losses.make_am_batch(ft, None, BASE, MIX, nan_reward, k, (8, 1), config).rewards)(
+        jax.random.PRNGKey(0))
