@@ -52,3 +52,21 @@ def test_finetune_rejects_bad_arguments():
     toy.finetune_mixture(BASE, rewards.linear_reward(1.0), steps=0)
   with pytest.raises(ValueError, match="batch_size"):
     toy.finetune_mixture(BASE, rewards.linear_reward(1.0), batch_size=0)
+
+
+@pytest.mark.slow
+def test_2d_ring_quadratic_reward_reaches_tilted_target():
+  """8-component ring, quadratic reward: sliced W1 of ODE samples to the exact tilted mixture.
+
+  Measured 0.070 after 1000 steps (noise floor 0.011); the base is far from the target.
+  """
+  base = gmm.ring_2d()
+  a_mat, b_vec = 0.5 * jnp.eye(2), jnp.array([1.0, 0.5])
+  target = gmm.tilt_quadratic(base, a_mat, b_vec)
+  result = toy.finetune_mixture(base, rewards.quadratic_reward(a_mat, b_vec), losses.AMConfig(loss_clip=None),
+                                steps=1000, batch_size=512, seed=0, log_fn=None)
+  ev = toy.evaluate_against_target(result, target, diffusion="ode")
+  base_ev = toy.evaluate_against_target(result._replace(params=jax.tree.map(jnp.zeros_like, result.params)), target)
+  assert ev["distance"] < 0.12, ev["distance"]
+  assert base_ev["distance"] > 2 * ev["distance"], (base_ev["distance"], ev["distance"])
+  np.testing.assert_allclose(ev["mode_mass"], np.asarray(target.weights), atol=0.06)
