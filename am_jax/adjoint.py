@@ -22,10 +22,10 @@ from typing import Callable
 
 import chex
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from am_jax.dynamics import checked
 from am_jax.sampling import StepCoefficients, _nearest_index, step_drift, step_time
 
 
@@ -49,10 +49,9 @@ def terminal_adjoint(reward_fn: Callable, x1, reward_multiplier=1.0, cond=()):
 
   grad, rewards = jax.grad(total, has_aux=True)(x1)
   # Guard both outputs, so the check survives dead-code elimination when only one is used.
-  grad, rewards = eqx.error_if((grad, rewards), ~jnp.all(jnp.isfinite(rewards)),
-                               "reward_fn returned a non-finite reward (NaN/inf).")
-  grad, rewards = eqx.error_if((grad, rewards), ~jnp.all(jnp.isfinite(grad)),
-                               "The reward gradient is not finite (NaN/inf).")
+  grad, rewards = checked((grad, rewards), ~jnp.all(jnp.isfinite(rewards)),
+                          "reward_fn returned a non-finite reward (NaN/inf).")
+  grad, rewards = checked((grad, rewards), ~jnp.all(jnp.isfinite(grad)), "The reward gradient is not finite (NaN/inf).")
   return -reward_multiplier * grad, rewards
 
 

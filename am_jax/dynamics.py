@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from am_jax import schedules as schedules_lib
@@ -35,10 +36,21 @@ def _bcast(coef, x):
   return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
 
 
+def checked(tree, bad, msg: str):
+  """Returns ``tree``, raising ``msg`` (eagerly, or at run time under jit) when the scalar ``bad`` is true.
+
+  Only a scalar goes through the runtime check (``eqx.error_if``); the arrays are tied to it by
+  adding a zero, so the check survives dead-code elimination and the arrays keep their
+  shardings (routing a sharded array through the check gathers it to one device).
+  """
+  zero = eqx.error_if(jnp.zeros((), jnp.float32), bad, msg)
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
 def validate_time(t):
   """Returns t, raising (eagerly or at run time under jit) if any entry is outside [0, 1] or NaN."""
   t = jnp.asarray(t)
-  return eqx.error_if(t, ~jnp.all((t >= 0.0) & (t <= 1.0)), "time t must lie in [0, 1] (t = 0 noise, t = 1 data).")
+  return checked(t, ~jnp.all((t >= 0.0) & (t <= 1.0)), "time t must lie in [0, 1] (t = 0 noise, t = 1 data).")
 
 
 def family_drift(v, x, t, schedule: schedules_lib.Schedule, diffusion: schedules_lib.Diffusion):

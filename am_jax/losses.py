@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from am_jax import adjoint as adjoint_lib
 from am_jax import sampling
 from am_jax import schedules as schedules_lib
+from am_jax import sharding as sharding_lib
 from am_jax.dynamics import _bcast
 
 
@@ -113,7 +114,7 @@ def select_timesteps(key, config: AMConfig):
 
 
 def make_am_batch(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, base_params, reward_fn: Callable,
-                  key, x_shape, config: AMConfig, cond=()) -> AMBatch:
+                  key, x_shape, config: AMConfig, cond=(), mesh=None) -> AMBatch:
   """Samples fine-tuned memoryless trajectories and solves the lean adjoint (Alg. 1, lines 2-4).
 
   Args:
@@ -124,18 +125,21 @@ def make_am_batch(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, bas
     x_shape: (B, ...) shape of a batch of samples.
     config: AMConfig.
     cond: tuple of conditioning arrays with leading batch axis B (e.g. labels), or ().
+    mesh: optional ``jax.sharding.Mesh``; the batch axis of the noise, trajectories and adjoints
+      is then constrained to the mesh's data axis (``am_jax.sharding``).
   """
   coeffs = config.coefficients()
   k0, kn = jax.random.split(key)
-  x0 = jax.random.normal(k0, tuple(x_shape), jnp.float32)
-  noise = sampling.draw_noise(kn, config.num_steps, x_shape)
+  x0 = sharding_lib.constrain_batch(jax.random.normal(k0, tuple(x_shape), jnp.float32), mesh, 0)
+  noise = sharding_lib.constrain_batch(sampling.draw_noise(kn, config.num_steps, x_shape), mesh, 1)
   ft_params = jax.lax.stop_gradient(ft_params)
   traj = sampling.simulate(lambda x, t: ft_apply_fn(ft_params, x, t, *cond), x0, noise, coeffs, config.solver)
-  traj = jax.lax.stop_gradient(traj)
+  traj = sharding_lib.constrain_batch(jax.lax.stop_gradient(traj), mesh, 1)
   a1, rewards = adjoint_lib.terminal_adjoint(reward_fn, traj[-1], config.reward_multiplier, cond)
   adj = adjoint_lib.lean_adjoint(lambda x, t: base_apply_fn(base_params, x, t, *cond), traj, a1, coeffs,
                                  config.solver)
-  return AMBatch(traj, jax.lax.stop_gradient(adj), rewards)
+  adj = sharding_lib.constrain_batch(jax.lax.stop_gradient(adj), mesh, 1)
+  return AMBatch(traj, adj, rewards)
 
 
 def _tile_cond(cond, m):
@@ -201,8 +205,32 @@ def adjoint_matching_loss(ft_apply_fn: Callable, ft_params, base_apply_fn: Calla
 
 
 def adjoint_matching_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, key, x_shape,
-                               config: AMConfig = AMConfig(), cond=()):
+                               config: AMConfig = AMConfig(), cond=(), mesh=None):
   """One call: ``make_am_batch`` then ``adjoint_matching_loss``.  Differentiate w.r.t. ft_params."""
   k_batch, k_loss = jax.random.split(key)
-  batch = make_am_batch(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, k_batch, x_shape, config, cond)
+  batch = make_am_batch(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, k_batch, x_shape, config, cond,
+                        mesh)
   return adjoint_matching_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, batch, k_loss, config, cond)
+
+
+def flow_matching_loss(apply_fn: Callable, params, x1, key, schedule: schedules_lib.Schedule, cond=(),
+                       t_range=(0.0, 1.0)):
+  """Conditional flow-matching loss for pre-training a base velocity model.
+
+  X_t = beta_t X_0 + alpha_t X_1 with X_0 ~ N(0, I), t ~ U(t_range); the regression target is the
+  conditional velocity alphadot_t X_1 + betadot_t X_0, whose conditional mean is v(x, t)
+  (AM_NOTES conventions).  Returns the mean over the batch of the squared error summed over dims.
+
+  Args:
+    apply_fn: ``apply_fn(params, x, t, *cond) -> v`` (B, ...).
+    x1: (B, ...) data batch.  cond: conditioning arrays with leading axis B.
+  """
+  k_t, k_0 = jax.random.split(key)
+  b = x1.shape[0]
+  t = jax.random.uniform(k_t, (b,), jnp.float32, *t_range)
+  x0 = jax.random.normal(k_0, x1.shape, x1.dtype)
+  xt = _bcast(schedule.beta(t), x1) * x0 + _bcast(schedule.alpha(t), x1) * x1
+  target = _bcast(schedule.alpha_dot(t), x1) * x1 + _bcast(schedule.beta_dot(t), x1) * x0
+  v = apply_fn(params, xt, t, *cond)
+  chex.assert_equal_shape([v, x1])
+  return jnp.mean(jnp.sum(((v - target) ** 2).reshape(b, -1), axis=-1))

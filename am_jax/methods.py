@@ -525,7 +525,7 @@ def eam_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn,
   terminal samples (from a few-step ODE of the current model, no SDE) and fresh noise.  Loss:
 
       L = E_{X_1, t, Z} | 2 (v_ft(X_t, t) - v_ref(X_t, t)) / sigma(t) + sigma(t) Phi(1, t) grad g(X_1) |^2,
-      grad g(X_1) = -lambda grad reward(X_1) - grad log p_base(X_1) + X_1 / s^2,
+      grad g(X_1) = -lambda grad reward(X_1) - grad log p_base(X_1) - X_1 / s^2,
 
   a regression of the control relative to the reference, u_ref = 2 (v_ft - v_ref) / sigma, onto
   -sigma Phi a(1) (cf. paper Eq. 25).  Its fixed point v_ft = v_{p*}: with p* = p_base e^r / Z this is the
@@ -540,7 +540,8 @@ def eam_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn,
   x1 = jax.lax.stop_gradient(_ode_sample(lambda x, t: ft_apply_fn(ft_sg, x, t, *cond), x0, cfg))
   neg_grad_r, rewards = adjoint_lib.terminal_adjoint(reward_fn, x1, cfg.lam, cond)
   base_v = lambda x, t: base_apply_fn(jax.lax.stop_gradient(base_params), x, t, *cond)  # noqa: E731
-  a1 = jax.lax.stop_gradient(neg_grad_r - base_data_score(base_v, x1, schedule, cfg.eam_score_time) + x1 / s**2)
+  # grad g = -grad r - grad log p_base + grad log p_ref, grad log p_ref(x) = -x / s^2.
+  a1 = jax.lax.stop_gradient(neg_grad_r - base_data_score(base_v, x1, schedule, cfg.eam_score_time) - x1 / s**2)
 
   m, batch = cfg.eam_num_times, x1.shape[0]
   lo, hi = cfg.eam_time_range
@@ -785,4 +786,5 @@ def finetune_mixture_method(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, m
       start = time.perf_counter()
   jax.block_until_ready(params)
   elapsed += time.perf_counter() - start
-  return toy.ToyResult(params, ft_apply, history, elapsed)
+  # config: the grid toy.evaluate_against_target samples on by default (K, offset, schedule).
+  return toy.ToyResult(params, ft_apply, history, elapsed, cfg.am)

@@ -1,0 +1,88 @@
+"""Data-parallel sharding over every device with ``jax.sharding`` (Mesh + NamedSharding).
+
+Design (BUILD_NOTES.md, "Sharding"):
+
+* One mesh axis, ``'data'``, over all devices of all hosts (``jax.devices()``), with
+  ``AxisType.Auto`` so XLA propagates shardings through the jitted step.
+* Parameters, optimiser state and keys are replicated; everything with a batch axis (initial noise,
+  Brownian increments, trajectories, adjoints, data batches) is sharded along its batch axis.
+* Random arrays are drawn *inside* the jitted step from one global key and constrained to the
+  batch sharding.  With ``jax_threefry_partitionable`` (set below) the values do not depend on the
+  number of devices, and each device -- hence each host -- computes only its own slice of the one
+  global array: no two hosts ever draw the same noise, and 1 device and 8 devices give the same
+  numbers.  (Folding the host index into the key would also decorrelate hosts but would make
+  results depend on the host count.)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+try:  # jax >= 0.5
+  from jax.sharding import AxisType
+except ImportError:  # pragma: no cover
+  AxisType = None
+
+DATA_AXIS = "data"
+
+# Makes jax.random values independent of how the output is sharded (see module docstring).
+jax.config.update("jax_threefry_partitionable", True)
+
+
+def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+  """A 1-D ``('data',)`` mesh over the first ``num_devices`` devices (all of them by default)."""
+  devices = jax.devices()
+  n = len(devices) if num_devices in (None, -1, 0) else int(num_devices)
+  if n < 1 or n > len(devices):
+    raise ValueError(f"mesh.num_devices must be in [1, {len(devices)}] (or -1 for all), got {num_devices}.")
+  if jax.process_count() > 1 and n != len(devices):
+    raise ValueError("With several processes the mesh must span all devices (mesh.num_devices = -1).")
+  kwargs = {"axis_types": (AxisType.Auto,)} if AxisType is not None else {}
+  return jax.make_mesh((n,), (DATA_AXIS,), devices=devices[:n], **kwargs)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+  """Shards axis ``batch_axis`` of an ``ndim``-dimensional array over the data axis."""
+  spec = [None] * ndim
+  spec[batch_axis] = DATA_AXIS
+  return NamedSharding(mesh, P(*spec))
+
+
+def constrain_batch(x, mesh: Optional[Mesh], batch_axis: int = 0):
+  """``with_sharding_constraint`` to the batch sharding; a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, batch_axis))
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "batch_size"):
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(f"{field}={batch_size} must be divisible by the number of devices in the mesh ({n}).")
+
+
+def replicate_tree(tree, mesh: Mesh):
+  """Places a fresh copy of every leaf of ``tree`` replicated on the mesh (one or many hosts).
+
+  Always copies, so donating the result (the train steps do) never invalidates the caller's arrays.
+  """
+  sharding = replicated(mesh)
+
+  def put(x):
+    x = jax.numpy.asarray(x)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding, may_alias=False)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  return jax.tree.map(put, tree)
+
+
+def num_devices(mesh: Mesh) -> int:
+  return math.prod(mesh.devices.shape)
