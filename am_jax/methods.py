@@ -737,15 +737,18 @@ def mixture_base(gmm: gmm_lib.GaussianMixture, schedule, parameterisation: str =
 def finetune_mixture_method(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, method: str = "am",
                             method_config: MethodConfig = MethodConfig(), steps: int = 1000, batch_size: int = 512,
                             lr: float = 1e-3, seed: int = 0, *, hidden=(64, 64), parameterisation: str = "control",
-                            base: str = "velocity", log_every: int = 0, eval_fn: Optional[Callable] = None,
+                            base: str = "velocity", init: Optional[gmm_lib.GaussianMixture] = None,
+                            log_every: int = 0, eval_fn: Optional[Callable] = None,
                             log_fn: Optional[Callable] = None) -> toy.ToyResult:
   """Fine-tunes an exact mixture base with any registered method; returns a ``toy.ToyResult``.
 
   Same setup as ``toy.finetune_mixture``: base = exact mixture velocity, fine-tuned = base + zero-init
   MLP (``residual_model`` of this module, differentiable in x), Adam(lr), one ``jax.jit`` per step.
   Every ``log_every`` steps ``history[step]`` gets the step's aux (floats), ``wall_s`` (training seconds
-  so far, compilation of step 0 excluded) and, if given, ``eval_fn(params)`` (a dict; its time is not
-  counted).  ``ToyResult.seconds`` is the training wall-clock without step 0 and without logging.
+  so far, compilation of step 0 excluded) and, if given, ``eval_fn(ft_apply_fn, params)`` (a dict; its
+  time is not counted).  ``ToyResult.seconds`` is the training wall-clock without step 0 and without logging.
+  ``init``: start the fine-tuned model at the exact velocity of this mixture instead of the base
+  (fixed-point experiments: does a method stay at / move away from a given distribution?).
   """
   objective = get_objective(method)
   cfg = as_method_config(method_config)
@@ -753,7 +756,8 @@ def finetune_mixture_method(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, m
   base_apply = mixture_base(gmm, schedule, base)
   net = models.MLP(gmm.dim, hidden=hidden, zero_init_output=True, rngs=nnx.Rngs(seed))
   net_apply, params = models.functional(net)
-  ft_apply = residual_model(base_apply, gmm, net_apply, schedule, parameterisation)
+  start_apply, start_params = (base_apply, gmm) if init is None else (mixture_base(init, schedule, base), init)
+  ft_apply = residual_model(start_apply, start_params, net_apply, schedule, parameterisation)
   opt = optax.adam(lr)
   opt_state = opt.init(params)
 
@@ -779,7 +783,7 @@ def finetune_mixture_method(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, m
       entry = {k: float(v) for k, v in aux.items()}
       entry["wall_s"] = elapsed
       if eval_fn is not None:
-        entry.update(eval_fn(params))
+        entry.update(eval_fn(ft_apply, params))
       history[step] = entry
       if log_fn:
         log_fn(f"[{method}] step {step:5d}  loss {entry['loss']:.4f}  reward {entry['reward_mean']:.4f}")

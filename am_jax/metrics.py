@@ -10,7 +10,13 @@ def wasserstein1_1d(x, y) -> float:
   y = np.sort(np.asarray(y, np.float64).ravel())
   n = max(len(x), len(y))
   q = (np.arange(n) + 0.5) / n
-  return float(np.mean(np.abs(np.quantile(x, q, method="inverted_cdf") - np.quantile(y, q, method="inverted_cdf"))))
+
+  def quantile(sorted_z):  # inverted-CDF quantile by indexing: O(n) after the sort
+    # (np.quantile with n query points partitions once per point: O(n^2), minutes at n = 20k.)
+    idx = np.clip(np.ceil(q * len(sorted_z)).astype(np.int64) - 1, 0, len(sorted_z) - 1)
+    return sorted_z[idx]
+
+  return float(np.mean(np.abs(quantile(x) - quantile(y))))
 
 
 def sliced_wasserstein1(x, y, num_projections: int = 256, seed: int = 0) -> float:

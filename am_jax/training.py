@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from am_jax import losses
+from am_jax import models
 from am_jax import sharding as sharding_lib
 
 
@@ -85,7 +86,8 @@ def _jit_step(step_fn, mesh, donate: bool):
 def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn: Callable,
                        config: losses.AMConfig, optimizer: optax.GradientTransformation, x_shape,
                        mesh=None, ema_decay: float = 0.0, cond_fn: Optional[Callable] = None,
-                       objective: Callable = losses.adjoint_matching_objective, donate: bool = True):
+                       objective: Callable = losses.adjoint_matching_objective, donate: bool = True,
+                       residual: Optional[str] = None):
   """Builds ``step(state, base_params) -> (state, metrics)``, one jit: sample, adjoint, loss, update.
 
   Args:
@@ -98,7 +100,12 @@ def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn
     ema_decay: 0 disables the EMA.
     cond_fn: optional ``cond_fn(key, B) -> tuple of (B,)-arrays`` drawing the conditions (labels).
     objective: any function with the signature of ``losses.adjoint_matching_objective``.
+    residual: None: ``ft_apply_fn`` is the whole fine-tuned model (e.g. a copy of the base net);
+      'control' / 'velocity': ``ft_apply_fn`` is a residual net and the fine-tuned velocity is
+      ``models.residual_model(base_apply_fn, base_params, ft_apply_fn, schedule, residual)``, built
+      inside the step so the base params stay a step argument.
   """
+  net_apply_fn = ft_apply_fn
   if mesh is not None:
     sharding_lib.check_batch_divisible(x_shape[0], mesh, "finetune.batch_size")
 
@@ -107,9 +114,13 @@ def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn
     k_cond, k_obj = jax.random.split(key)
     cond = tuple(sharding_lib.constrain_batch(c, mesh) for c in cond_fn(k_cond, x_shape[0])) if cond_fn else ()
 
+    if residual is None:
+      ft_apply = net_apply_fn
+    else:
+      ft_apply = models.residual_model(base_apply_fn, base_params, net_apply_fn, config.schedule, residual)
+
     def loss_fn(p):
-      return objective(ft_apply_fn, p, base_apply_fn, base_params, reward_fn, k_obj, x_shape, config, cond,
-                       mesh=mesh)
+      return objective(ft_apply, p, base_apply_fn, base_params, reward_fn, k_obj, x_shape, config, cond, mesh=mesh)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = _apply_update(state, grads, optimizer, ema_decay)

@@ -2,7 +2,7 @@
 
     python -m experiments.soc --config=configs/soc_linear_ou.py --workdir=runs/soc_linear_ou
 
-Each method trains the same control net (``am_jax.models.MLP`` on (x, t), widths from the config, zero-initialised
+Each method trains the same control net (``am_jax.models.MLP`` on (x, time_scale * t), widths from the config, zero-initialised
 output so every method starts at u = 0) with optax Adam; one training step (sampling, adjoint, loss, gradient,
 update) is one ``jax.jit`` call.  Every ``eval_every`` iterations the control is evaluated on a fixed batch of
 ``eval_batch_size`` paths (same key for every evaluation and method: common random numbers):
@@ -57,7 +57,15 @@ def make_optimizer(config):
 def train_method(method: str, problem: soc.SOCProblem, config, write_record):
   """Trains one method; returns its list of evaluation records."""
   net = models.MLP(problem.dim, hidden=tuple(config.hidden), zero_init_output=True, rngs=nnx.Rngs(config.seed))
-  apply_fn, params = models.functional(net)
+  net_apply, params = models.functional(net)
+  # models.MLP embeds t with sinusoids of 1000 t (DDPM step-index scale); time_scale < 1 makes the time
+  # features smooth over [0, T] (right for the OU problems), 1 keeps the sharp ones (double well: u* varies
+  # on the scale of one step just before T).
+  time_scale = config.get("time_scale", 1.0)
+
+  def apply_fn(p, x, t):
+    return net_apply(p, x, time_scale * t)
+
   opt = make_optimizer(config)
   opt_state = opt.init(params)
   loss_fn = LOSSES[method]

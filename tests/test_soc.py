@@ -1,0 +1,274 @@
+"""Tests of am_jax.soc: reference controls, adjoint, pairing, losses, and a short AM run on Linear OU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from am_jax import models, soc
+
+
+def _hamiltonian_riccati(A, P, Q, S, T, t):
+  """Independent solve: F = Y X^{-1} with d/dt [X; Y] = [[A, -2S], [-P, -A^T]] [X; Y], X(T) = I, Y(T) = Q.
+
+  (Differentiating F = Y X^{-1} gives dF/dt = -P - A^T F - F A + 2 F S F, the Riccati ODE of soc.solve_riccati.)
+  """
+  d = A.shape[0]
+  H = np.block([[A, -2 * S], [-P, -A.T]])
+  XY = jax.scipy.linalg.expm(jnp.asarray((t - T) * H, jnp.float32)) @ jnp.concatenate([jnp.eye(d), jnp.asarray(Q)])
+  return np.asarray(jnp.linalg.solve(XY[:d].T, XY[d:].T).T)
+
+
+def test_riccati_matches_matrix_exponential_off_grid():
+  rng = np.random.default_rng(0)
+  d, T = 4, 1.0
+  A = rng.normal(size=(d, d)) * 0.5
+  m = rng.normal(size=(d, d))
+  P = m @ m.T / d + 0.1 * np.eye(d)
+  Q = np.diag(rng.uniform(0.1, 0.6, size=d))
+  sig = np.eye(d) + 0.2 * rng.normal(size=(d, d))
+  S = sig @ sig.T
+  sol = soc.solve_riccati(A, P, Q, S, T)
+  for t in [0.0, 0.0137, 0.3, 0.61803, 0.9999, 1.0]:  # off the 1024-node table and off any training grid
+    np.testing.assert_allclose(sol.evaluate(jnp.float32(t)), _hamiltonian_riccati(A, P, Q, S, T, t), rtol=2e-4,
+                               atol=2e-5)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_quadratic_benchmark_control(hard):
+  p = soc.quadratic_ou(hard=hard)
+  a, pc, q = (1.0, 1.0, 0.5) if hard else (0.2, 0.2, 0.1)
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, p.dim))
+  for t in [0.0, 0.4321, 1.0]:
+    F = _hamiltonian_riccati(a * np.eye(2), pc * np.eye(2), q * np.eye(2), np.eye(2), 1.0, t)[0, 0]
+    np.testing.assert_allclose(p.u_star(jnp.float32(t), x), -2.0 * F * x, rtol=2e-4, atol=1e-5)
+  # At t = T the control is -sigma^T grad g = -2 Q x.
+  np.testing.assert_allclose(p.u_star(1.0, x), -2.0 * q * x, rtol=1e-5, atol=1e-6)
+  x0 = p.x0_sampler(jax.random.PRNGKey(3), 7)
+  assert x0.shape == (7, 20) and np.allclose(x0, x0[0])
+
+
+def test_linear_ou_control_matches_pathwise_monte_carlo():
+  """u* = -sigma^T grad V with V(t, x) = -log E[exp(-omega . X_T) | X_t = x] estimated on a fine Euler grid.
+
+  grad V is the pathwise (common-random-number) derivative of the Monte-Carlo estimate of V, taken by jax.grad
+  through 2000 uncontrolled Euler-Maruyama steps: an independent check of the expm formula, its sign and its
+  transposes (A and sigma are not symmetric).
+  """
+  p = soc.linear_ou()
+  A, sig, omega = p.info["A"], p.info["sigma"], p.info["omega"]
+  n_paths, n_fine = 256, 2000
+
+  def value(x, t, key):
+    h = (p.T - t) / n_fine
+    xi = jax.random.normal(key, (n_fine, n_paths, p.dim))
+
+    def step(y, z):
+      return y + h * y @ A.T + jnp.sqrt(h) * z @ sig.T, None
+
+    y_end, _ = jax.lax.scan(step, jnp.broadcast_to(x, (n_paths, p.dim)), xi)
+    return -jax.scipy.special.logsumexp(-(y_end @ omega)) + jnp.log(n_paths)
+
+  grad_v = jax.jit(jax.grad(value))
+  for i, t in enumerate([0.0, 0.37, 0.8]):
+    x = 0.5 * jax.random.normal(jax.random.PRNGKey(10 + i), (p.dim,))
+    u_mc = -sig.T @ grad_v(x, t, jax.random.PRNGKey(i))
+    u_exact = p.u_star(t, x[None])[0]
+    np.testing.assert_allclose(u_mc, u_exact, rtol=3e-3, atol=3e-3)
+    # The test can tell the transposes apart: the wrong formula is far off.
+    wrong = -sig @ jax.scipy.linalg.expm((p.T - t) * A) @ omega
+    assert np.max(np.abs(wrong - u_exact)) > 10 * 3e-3
+
+
+def test_one_d_value_solver_matches_gaussian_answer():
+  """solve_value_1d on an OU drift with quadratic g against the closed-form scalar Riccati solution."""
+  theta, q, T = 1.0, 1.0, 1.0
+  x, t, u, log_phi = soc.solve_value_1d(lambda y: -theta * y, lambda y: q * y**2, T, 3.0, 301, 100)
+  # dF/dt = 2 theta F + 2 F^2, F(T) = q  =>  1/F(t) = (1/q + 1/theta) e^{2 theta (T - t)} - 1/theta.
+  F = 1.0 / ((1 / q + 1 / theta) * np.exp(2 * theta * (T - t)) - 1 / theta)
+  inside = np.abs(x) <= 1.5
+  u_exact = -2 * F[:, None] * x[None]
+  assert np.max(np.abs(u - u_exact)[:, inside]) < 1e-3
+  # V = -log phi is the value: its x-dependence is F x^2.
+  v = -(log_phi - log_phi[:, [150]])
+  assert np.max(np.abs(v - F[:, None] * x[None] ** 2)[:, inside]) < 2e-3
+  # The same answer from the library Riccati solver (d = 1).
+  sol = soc.solve_riccati([[-theta]], [[0.0]], [[q]], [[1.0]], T)
+  np.testing.assert_allclose(jax.vmap(sol.evaluate)(jnp.asarray(t, jnp.float32))[:, 0, 0], F, rtol=1e-4)
+
+
+def test_double_well_reference_small_grid():
+  p = soc.double_well(num_x=201, num_t=200)
+  x = jnp.array([[-1.5, -0.5, 0.3, 1.2, 0.0, 0.7, -1.1, 1.6, -0.2, 0.9]])
+  nu = np.where(np.arange(10) < 3, 3.0, 1.0)
+  # At t = T, u* = -grad g (interpolation of central differences: loose tolerance on this coarse grid).
+  np.testing.assert_allclose(p.u_star(1.0, x)[0], -4 * nu * x[0] * (x[0] ** 2 - 1), rtol=2e-2, atol=2e-2)
+  # Odd in x (symmetric problem) and zero at the origin.
+  for t in [0.0, 0.5, 0.93]:
+    np.testing.assert_allclose(p.u_star(t, -x), -p.u_star(t, x), atol=1e-4)
+    np.testing.assert_allclose(p.u_star(t, jnp.zeros((1, 10))), 0.0, atol=1e-4)
+  # Bilinear interpolation reproduces a bilinear table exactly.
+  tg, xg = jnp.linspace(0, 1, 11), jnp.linspace(-2, 2, 21)
+  tab = (1 + tg[:, None]) * (2 * xg[None] - 1) + 0.0 * tg[:, None]
+  got = soc.interp_uniform_2d(tab[None], tg, xg, 0.37, jnp.array([[0.123], [-1.77]]))
+  np.testing.assert_allclose(got[:, 0], (1.37) * (2 * jnp.array([0.123, -1.77]) - 1), rtol=1e-5)
+
+
+def _toy_problem(num_steps=10):
+  """Small nonlinear problem with a running cost, a non-diagonal sigma(t) and a nonlinear g."""
+  d = 3
+  M = jnp.array([[0.0, 1.0, 0.2], [-1.0, 0.1, 0.0], [0.3, 0.0, -0.5]])
+  return soc.SOCProblem(
+      name="toy", dim=d,
+      drift=lambda x, t: -x**3 + jnp.sin(1.0 + t) * x @ M.T,
+      sigma=lambda t: jnp.eye(d) + 0.3 * t * M,
+      running_cost=lambda x, t: (1 + t) * jnp.sum(x**2, -1) + jnp.sum(jnp.cos(x), -1),
+      terminal_cost=lambda x: 0.25 * jnp.sum(x**4, -1) + x[:, 0],
+      x0_sampler=lambda key, n: jax.random.normal(key, (n, d)), T=1.0, num_steps=num_steps)
+
+
+def test_lean_adjoint_is_pathwise_gradient_of_cost_to_go():
+  p = _toy_problem()
+  x0, noise = soc.draw_initial_and_noise(p, jax.random.PRNGKey(0), 8)
+  traj, _, _ = soc.rollout(p, soc.zero_control, None, x0, noise)
+  adj = jax.jit(lambda tr: soc.lean_adjoint_soc(p, tr))(traj)
+  assert adj.shape == traj.shape
+  h, ts = p.dt, np.asarray(p.times())
+
+  def cost_to_go(k, xk):  # independent: a plain Python loop of the uncontrolled Euler-Maruyama steps
+    cost, x = 0.0, xk
+    for j in range(k, p.num_steps):
+      cost = cost + h * jnp.sum(p.running_cost(x, ts[j]))
+      x = x + h * p.drift(x, ts[j]) + jnp.sqrt(h) * soc.apply_sigma(p.sigma(ts[j]), noise[j])
+    return cost + jnp.sum(p.terminal_cost(x))
+
+  for k in [0, 3, 9, 10]:
+    np.testing.assert_allclose(adj[k], jax.grad(cost_to_go, argnums=1)(k, traj[k]), rtol=1e-4, atol=1e-5)
+
+
+def test_pairing_with_next_adjoint_is_the_discrete_optimum():
+  """Linear OU: the discrete cost J(u_0..u_{K-1}) of open-loop controls is minimised by u_k = -sigma^T a_{k+1}.
+
+  In Linear OU dJ/du is deterministic (linear dynamics, linear g), so the gradient must vanish exactly at the
+  AM target paired with a_{k+1}, and not with a_k.
+  """
+  p = soc.linear_ou(num_steps=20)
+  traj = soc.simulate_controlled(p, soc.zero_control, None, jax.random.PRNGKey(0), 4)
+  adj = soc.lean_adjoint_soc(p, traj)
+  sig = p.info["sigma"]
+
+  def open_loop(u_seq, x, t):
+    k = jnp.round(t[0] / p.dt).astype(jnp.int32)
+    return jnp.broadcast_to(u_seq[k], x.shape)
+
+  def mean_cost(u_seq):
+    x0, noise = soc.draw_initial_and_noise(p, jax.random.PRNGKey(1), 16)
+    return jnp.mean(soc.rollout(p, open_loop, u_seq, x0, noise)[2])
+
+  grad = jax.jit(jax.grad(mean_cost))
+  g_next = grad(-adj[1:, 0] @ sig)
+  g_same = grad(-adj[:-1, 0] @ sig)
+  assert np.max(np.abs(g_next)) < 1e-5
+  assert np.max(np.abs(g_same)) > 1e-3
+
+
+def _net(dim, hidden=(32, 32), seed=0):
+  apply_fn, params = models.functional(models.MLP(dim, hidden=hidden, zero_init_output=True, rngs=nnx.Rngs(seed)))
+  return (lambda q, x, t: apply_fn(q, x, 0.01 * t)), params
+
+
+def test_losses_jit_and_grad():
+  p = _toy_problem()
+  apply_fn, params = _net(p.dim)
+  key = jax.random.PRNGKey(0)
+  traj = soc.simulate_controlled(p, apply_fn, params, key, 6)
+  adj = soc.lean_adjoint_soc(p, traj)
+  (loss, aux), g = jax.jit(jax.value_and_grad(lambda q: soc.am_soc_loss(apply_fn, q, p, traj, adj), has_aux=True))(
+      params)
+  # Zero-initialised net: u = 0, so the loss is the target's norm.
+  np.testing.assert_allclose(loss, aux["target_norm"], rtol=1e-5)
+  leaves = jax.tree_util.tree_leaves(g)
+  assert all(np.all(np.isfinite(leaf)) for leaf in leaves) and any(np.any(leaf != 0) for leaf in leaves)
+  # The regression is zero at u = target: a control that returns -sigma^T a_{k+1} exactly.
+  sig_t = jax.vmap(p.sigma)(p.times()[:-1])
+  target = -jnp.einsum("kij,kbi->kbj", sig_t, adj[1:])
+  oracle = lambda q, x, t: target[jnp.round(t[0] / p.dt).astype(jnp.int32)]  # noqa: E731
+  states = traj[:-1]
+  per_k = jax.vmap(lambda k: jnp.sum((oracle(None, states[k], jnp.full((6,), k * p.dt)) - target[k]) ** 2))(
+      jnp.arange(p.num_steps))
+  assert float(jnp.max(per_k)) == 0.0
+  # Baseline losses: jit + grad, and the discrete-adjoint value is the mean cost.
+  for loss_fn in (soc.discrete_adjoint_loss, soc.continuous_adjoint_loss, soc.am_soc_objective):
+    (val, _), g = jax.jit(jax.value_and_grad(lambda q: loss_fn(apply_fn, q, p, key, 6), has_aux=True))(params)
+    assert np.isfinite(val) and all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(g))
+
+
+def test_discrete_and_continuous_adjoint_gradients_agree_to_o_h():
+  """Same noise: the continuous-adjoint gradient is the discrete one up to O(h) (cosine similarity ~ 1)."""
+  p = _toy_problem(num_steps=200)
+  apply_fn, params = _net(p.dim, seed=1)
+  # A non-zero control so the full adjoint's control terms matter.
+  params = jax.tree_util.tree_map(lambda v: v + 0.05 * jnp.ones_like(v), params)
+  key = jax.random.PRNGKey(2)
+  flat = lambda g: jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(g)])  # noqa: E731
+  g_d = flat(jax.grad(lambda q: soc.discrete_adjoint_loss(apply_fn, q, p, key, 32)[0])(params))
+  g_c = flat(jax.grad(lambda q: soc.continuous_adjoint_loss(apply_fn, q, p, key, 32)[0])(params))
+  cos = float(g_d @ g_c / (jnp.linalg.norm(g_d) * jnp.linalg.norm(g_c)))
+  assert cos > 0.99, cos
+
+
+def test_evaluation_estimators():
+  p = soc.linear_ou()
+  key = jax.random.PRNGKey(4)
+  ref = soc.reference_as_control(p.u_star)
+  assert float(soc.l2_error(p, ref, None, p.u_star, key, 64)) < 1e-10
+  # Zero control: L2 error = int_0^T |u*(t)|^2 dt (u* does not depend on x here); left Riemann sum.
+  us = jax.vmap(lambda t: p.u_star(t, jnp.zeros((1, p.dim)))[0])(p.times()[:-1])
+  np.testing.assert_allclose(soc.l2_error(p, soc.zero_control, None, p.u_star, key, 64), p.dt * jnp.sum(us**2),
+                             rtol=1e-5)
+  # Common random numbers: the optimal control has a lower objective than u = 0.
+  j_star, se_star = soc.control_objective(p, ref, None, key, 512)
+  j_zero, se_zero = soc.control_objective(p, soc.zero_control, None, key, 512)
+  assert float(j_star) < float(j_zero) - 1.0 and 0 < float(se_star) < 0.2
+
+
+def _train_am(p, steps, batch, lr, hidden, seed=0):
+  apply_fn, params = _net(p.dim, hidden=hidden, seed=seed)
+  opt = optax.adam(lr)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    (loss, _), g = jax.value_and_grad(lambda q: soc.am_soc_objective(apply_fn, q, p, key, batch), has_aux=True)(params)
+    updates, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  key = jax.random.PRNGKey(seed + 1)
+  for _ in range(steps):
+    key, sub = jax.random.split(key)
+    params, opt_state = step(params, opt_state, sub)
+  return apply_fn, params
+
+
+def test_am_short_run_on_linear_ou():
+  p = soc.linear_ou()
+  eval_key = jax.random.PRNGKey(123)
+  threshold = 0.3
+  l2_zero = float(soc.l2_error(p, soc.zero_control, None, p.u_star, eval_key, 256))
+  apply_fn, params = _train_am(p, steps=150, batch=32, lr=3e-3, hidden=(64, 64))
+  l2 = float(soc.l2_error(p, apply_fn, params, p.u_star, eval_key, 256))
+  assert l2_zero > threshold  # the untrained (zero) control does not meet it (it is ~6)
+  assert l2 < threshold, l2
+  j_trained = soc.control_objective(p, apply_fn, params, eval_key, 256)[0]
+  j_zero = soc.control_objective(p, soc.zero_control, None, eval_key, 256)[0]
+  assert float(j_trained) < float(j_zero) - 2.0
+
+
+@pytest.mark.slow
+def test_am_converges_on_quadratic_easy():
+  p = soc.quadratic_ou(hard=False)
+  lr = optax.cosine_decay_schedule(3e-3, 1500, alpha=0.01)
+  apply_fn, params = _train_am(p, steps=1500, batch=64, lr=lr, hidden=(256, 128, 64))
+  l2 = float(soc.l2_error(p, apply_fn, params, p.u_star, jax.random.PRNGKey(7), 1024))
+  assert l2 < 2e-2, l2
