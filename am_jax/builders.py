@@ -132,7 +132,10 @@ def build_am_config(cfg) -> losses.AMConfig:
   try:
     return losses.AMConfig(**kwargs)
   except (ValueError, TypeError) as e:
-    raise ConfigError(str(e).replace("AMConfig.", "config.am.")) from e
+    msg = str(e).replace("AMConfig.", "config.am.")
+    if "config.am." not in msg:
+      msg = f"config.am.diffusion = {am.diffusion!r}: {msg}" if "iffusion" in msg else f"config.am: {msg}"
+    raise ConfigError(msg) from e
 
 
 def validate_finetune(cfg):

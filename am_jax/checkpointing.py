@@ -51,7 +51,14 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, config: Optional[dict] = None, force: bool = False) -> bool:
-    """Saves if ``step`` is on the save interval (or ``force``); returns whether it saved."""
+    """Saves if ``step`` is on the save interval (or ``force``); returns whether it saved.
+
+    The saved arrays are a fresh copy: the train steps donate their state, and the asynchronous
+    writer must never read a buffer the next step has already reused (an abort on 8 devices).
+    """
+    if not (force or self._manager.should_save(int(step))):
+      return False
+    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     args = {"state": ocp.args.StandardSave(state)}
     if config is not None:
       args["config"] = ocp.args.JsonSave(config)

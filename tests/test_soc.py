@@ -53,12 +53,12 @@ def test_linear_ou_control_matches_pathwise_monte_carlo():
   """u* = -sigma^T grad V with V(t, x) = -log E[exp(-omega . X_T) | X_t = x] estimated on a fine Euler grid.
 
   grad V is the pathwise (common-random-number) derivative of the Monte-Carlo estimate of V, taken by jax.grad
-  through 2000 uncontrolled Euler-Maruyama steps: an independent check of the expm formula, its sign and its
+  through 1000 uncontrolled Euler-Maruyama steps: an independent check of the expm formula, its sign and its
   transposes (A and sigma are not symmetric).
   """
   p = soc.linear_ou()
   A, sig, omega = p.info["A"], p.info["sigma"], p.info["omega"]
-  n_paths, n_fine = 256, 2000
+  n_paths, n_fine = 64, 1000
 
   def value(x, t, key):
     h = (p.T - t) / n_fine
@@ -71,7 +71,7 @@ def test_linear_ou_control_matches_pathwise_monte_carlo():
     return -jax.scipy.special.logsumexp(-(y_end @ omega)) + jnp.log(n_paths)
 
   grad_v = jax.jit(jax.grad(value))
-  for i, t in enumerate([0.0, 0.37, 0.8]):
+  for i, t in enumerate([0.0, 0.63]):
     x = 0.5 * jax.random.normal(jax.random.PRNGKey(10 + i), (p.dim,))
     u_mc = -sig.T @ grad_v(x, t, jax.random.PRNGKey(i))
     u_exact = p.u_star(t, x[None])[0]
@@ -106,8 +106,8 @@ def test_double_well_reference_small_grid():
   np.testing.assert_allclose(p.u_star(1.0, x)[0], -4 * nu * x[0] * (x[0] ** 2 - 1), rtol=2e-2, atol=2e-2)
   # Odd in x (symmetric problem) and zero at the origin.
   for t in [0.0, 0.5, 0.93]:
-    np.testing.assert_allclose(p.u_star(t, -x), -p.u_star(t, x), atol=1e-4)
-    np.testing.assert_allclose(p.u_star(t, jnp.zeros((1, 10))), 0.0, atol=1e-4)
+    np.testing.assert_allclose(p.u_star(t, -x), -p.u_star(t, x), atol=1e-3)
+    np.testing.assert_allclose(p.u_star(t, jnp.zeros((1, 10))), 0.0, atol=1e-3)
   # Bilinear interpolation reproduces a bilinear table exactly.
   tg, xg = jnp.linspace(0, 1, 11), jnp.linspace(-2, 2, 21)
   tab = (1 + tg[:, None]) * (2 * xg[None] - 1) + 0.0 * tg[:, None]
@@ -190,18 +190,14 @@ def test_losses_jit_and_grad():
   np.testing.assert_allclose(loss, aux["target_norm"], rtol=1e-5)
   leaves = jax.tree_util.tree_leaves(g)
   assert all(np.all(np.isfinite(leaf)) for leaf in leaves) and any(np.any(leaf != 0) for leaf in leaves)
-  # The regression is zero at u = target: a control that returns -sigma^T a_{k+1} exactly.
-  sig_t = jax.vmap(p.sigma)(p.times()[:-1])
-  target = -jnp.einsum("kij,kbi->kbj", sig_t, adj[1:])
-  oracle = lambda q, x, t: target[jnp.round(t[0] / p.dt).astype(jnp.int32)]  # noqa: E731
-  states = traj[:-1]
-  per_k = jax.vmap(lambda k: jnp.sum((oracle(None, states[k], jnp.full((6,), k * p.dt)) - target[k]) ** 2))(
-      jnp.arange(p.num_steps))
-  assert float(jnp.max(per_k)) == 0.0
-  # Baseline losses: jit + grad, and the discrete-adjoint value is the mean cost.
-  for loss_fn in (soc.discrete_adjoint_loss, soc.continuous_adjoint_loss, soc.am_soc_objective):
-    (val, _), g = jax.jit(jax.value_and_grad(lambda q: loss_fn(apply_fn, q, p, key, 6), has_aux=True))(params)
-    assert np.isfinite(val) and all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(g))
+  # An open-loop control theta_k (one vector per step): the regression's minimiser is the batch mean of the
+  # target -sigma_k^T a_{k+1} (pairing X_k with a_{k+1}), so the gradient vanishes there and only there.
+  # (am_soc_loss evaluates all (k, b) pairs in one call, so index per row.)
+  open_loop = lambda th, x, t: th[jnp.round(t / p.dt).astype(jnp.int32)]  # noqa: E731
+  target = -jnp.einsum("kij,kbi->kbj", jax.vmap(p.sigma)(p.times()[:-1]), adj[1:])
+  grad_at = jax.jit(jax.grad(lambda th: soc.am_soc_loss(open_loop, th, p, traj, adj)[0]))
+  np.testing.assert_allclose(grad_at(target.mean(1)), 0.0, atol=1e-5)
+  assert np.max(np.abs(grad_at(-jnp.einsum("kij,kbi->kbj", jax.vmap(p.sigma)(p.times()[:-1]), adj[:-1]).mean(1)))) > 1e-3
 
 
 def test_discrete_and_continuous_adjoint_gradients_agree_to_o_h():
@@ -212,24 +208,33 @@ def test_discrete_and_continuous_adjoint_gradients_agree_to_o_h():
   params = jax.tree_util.tree_map(lambda v: v + 0.05 * jnp.ones_like(v), params)
   key = jax.random.PRNGKey(2)
   flat = lambda g: jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(g)])  # noqa: E731
-  g_d = flat(jax.grad(lambda q: soc.discrete_adjoint_loss(apply_fn, q, p, key, 32)[0])(params))
-  g_c = flat(jax.grad(lambda q: soc.continuous_adjoint_loss(apply_fn, q, p, key, 32)[0])(params))
+  (j_d, aux_d), g_d = jax.jit(jax.value_and_grad(lambda q: soc.discrete_adjoint_loss(apply_fn, q, p, key, 32),
+                                                  has_aux=True))(params)
+  (_, aux_c), g_c = jax.jit(jax.value_and_grad(lambda q: soc.continuous_adjoint_loss(apply_fn, q, p, key, 32),
+                                               has_aux=True))(params)
+  g_d, g_c = flat(g_d), flat(g_c)
+  assert np.all(np.isfinite(g_d)) and np.all(np.isfinite(g_c))
+  np.testing.assert_allclose(aux_c["objective"], j_d, rtol=1e-5)  # same paths, same cost
   cos = float(g_d @ g_c / (jnp.linalg.norm(g_d) * jnp.linalg.norm(g_c)))
   assert cos > 0.99, cos
 
 
 def test_evaluation_estimators():
-  p = soc.linear_ou()
+  p = soc.linear_ou(num_steps=20)
   key = jax.random.PRNGKey(4)
   ref = soc.reference_as_control(p.u_star)
-  assert float(soc.l2_error(p, ref, None, p.u_star, key, 64)) < 1e-10
+
+  @jax.jit
+  def stats():
+    return (soc.l2_error(p, ref, None, p.u_star, key, 64), soc.l2_error(p, soc.zero_control, None, p.u_star, key, 64),
+            soc.control_objective(p, ref, None, key, 256), soc.control_objective(p, soc.zero_control, None, key, 256))
+
+  l2_ref, l2_zero, (j_star, se_star), (j_zero, _) = stats()
+  assert float(l2_ref) < 1e-10
   # Zero control: L2 error = int_0^T |u*(t)|^2 dt (u* does not depend on x here); left Riemann sum.
   us = jax.vmap(lambda t: p.u_star(t, jnp.zeros((1, p.dim)))[0])(p.times()[:-1])
-  np.testing.assert_allclose(soc.l2_error(p, soc.zero_control, None, p.u_star, key, 64), p.dt * jnp.sum(us**2),
-                             rtol=1e-5)
+  np.testing.assert_allclose(l2_zero, p.dt * jnp.sum(us**2), rtol=1e-5)
   # Common random numbers: the optimal control has a lower objective than u = 0.
-  j_star, se_star = soc.control_objective(p, ref, None, key, 512)
-  j_zero, se_zero = soc.control_objective(p, soc.zero_control, None, key, 512)
   assert float(j_star) < float(j_zero) - 1.0 and 0 < float(se_star) < 0.2
 
 
@@ -254,14 +259,17 @@ def _train_am(p, steps, batch, lr, hidden, seed=0):
 def test_am_short_run_on_linear_ou():
   p = soc.linear_ou()
   eval_key = jax.random.PRNGKey(123)
-  threshold = 0.3
-  l2_zero = float(soc.l2_error(p, soc.zero_control, None, p.u_star, eval_key, 256))
-  apply_fn, params = _train_am(p, steps=150, batch=32, lr=3e-3, hidden=(64, 64))
-  l2 = float(soc.l2_error(p, apply_fn, params, p.u_star, eval_key, 256))
-  assert l2_zero > threshold  # the untrained (zero) control does not meet it (it is ~6)
-  assert l2 < threshold, l2
-  j_trained = soc.control_objective(p, apply_fn, params, eval_key, 256)[0]
-  j_zero = soc.control_objective(p, soc.zero_control, None, eval_key, 256)[0]
+  threshold = 0.05  # short runs reach ~4e-3 (seeds 0-2); zero control ~6
+
+  def stats(apply_fn, params):
+    return (soc.l2_error(p, apply_fn, params, p.u_star, eval_key, 128),
+            soc.control_objective(p, apply_fn, params, eval_key, 128)[0])
+
+  l2_zero, j_zero = jax.jit(lambda: stats(soc.zero_control, None))()
+  apply_fn, params = _train_am(p, steps=100, batch=32, lr=3e-3, hidden=(64, 64))
+  l2, j_trained = jax.jit(lambda q: stats(apply_fn, q))(params)
+  assert float(l2_zero) > threshold  # the untrained (zero) control does not meet it (it is ~6)
+  assert float(l2) < threshold, float(l2)
   assert float(j_trained) < float(j_zero) - 2.0
 
 

@@ -1,0 +1,56 @@
+"""Small configs and process helpers shared by the training-system tests."""
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """configs/gmm2d.py shrunk so a whole pre-train + fine-tune + eval takes seconds."""
+  sys.path.insert(0, REPO)
+  from configs import gmm2d
+  c = gmm2d.get_config()
+  c.data.num_samples = 4000
+  c.model.hidden = (32, 32)
+  c.pretrain.steps = 60
+  c.pretrain.batch_size = 64
+  c.pretrain.log_every = 30
+  c.pretrain.checkpoint.every_steps = 30
+  c.am.num_steps = 8
+  c.am.num_random_timesteps = 2
+  c.am.num_last_timesteps = 2
+  c.finetune.steps = 12
+  c.finetune.batch_size = 32
+  c.finetune.hidden = (16,)
+  c.finetune.log_every = 4
+  c.finetune.ema_decay = 0.9
+  c.checkpoint.every_steps = 5
+  c.eval.num_samples = 512
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def env(num_devices: int):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+  return e
+
+
+def python(args, num_devices: int, **kw):
+  return subprocess.Popen([sys.executable] + list(args), env=env(num_devices), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kw)
