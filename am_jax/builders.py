@@ -54,7 +54,7 @@ def build_schedule(cfg) -> schedules_lib.Schedule:
   return schedules_lib.get_schedule(name)
 
 
-DATA_NAMES = ("ring", "moons")
+DATA_NAMES = ("ring", "moons", "digits")
 
 
 def validate_data(cfg):
@@ -66,6 +66,11 @@ def validate_data(cfg):
     require(cfg, "data.std", lambda v: v > 0, "> 0")
 
 
+def data_shape(cfg) -> tuple:
+  """Shape of one sample of ``cfg.data``."""
+  return (8, 8, 1) if cfg.data.name == "digits" else (2,)
+
+
 def exact_data_mixture(cfg):
   """The exact data distribution as a GaussianMixture, or None when there is none (moons)."""
   if cfg.data.name == "ring":
@@ -74,17 +79,36 @@ def exact_data_mixture(cfg):
 
 
 def validate_model(cfg):
-  require(cfg, "model.kind", lambda v: v == "mlp", "'mlp' (the 2-D configs)")
-  require(cfg, "model.hidden", lambda v: len(v) > 0 and all(_positive_int(w) for w in v), "a tuple of positive ints")
+  kind = require(cfg, "model.kind", lambda v: v in ("mlp", "unet"), "'mlp' or 'unet'")
+  if kind == "mlp":
+    require(cfg, "model.hidden", lambda v: len(v) > 0 and all(_positive_int(w) for w in v),
+            "a tuple of positive ints")
+  else:
+    require(cfg, "model.channels", lambda v: len(v) > 0 and all(_positive_int(w) for w in v),
+            "a tuple of positive ints")
   require(cfg, "model.time_embed_dim", lambda v: _positive_int(v) and v % 2 == 0, "a positive even integer")
   require(cfg, "model.num_classes", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
 
 
-def build_model(cfg, dim: int, seed: int, zero_init_output: bool = False):
-  """(apply_fn, params) of the velocity net described by ``cfg.model``."""
+def build_model(cfg, data_shape, seed: int, zero_init_output: bool = False):
+  """(apply_fn, params) of the velocity net described by ``cfg.model`` for samples of ``data_shape``.
+
+  data_shape: the shape of one sample, e.g. (2,) or (8, 8, 1) (an int d means (d,)).
+  """
   validate_model(cfg)
-  net = models.MLP(dim, hidden=tuple(cfg.model.hidden), time_embed_dim=cfg.model.time_embed_dim,
-                   num_classes=cfg.model.num_classes, zero_init_output=zero_init_output, rngs=nnx.Rngs(seed))
+  data_shape = (data_shape,) if isinstance(data_shape, int) else tuple(data_shape)
+  m = cfg.model
+  if m.kind == "mlp":
+    if len(data_shape) != 1:
+      raise ConfigError(f"config.model.kind = 'mlp' needs vector data, got samples of shape {data_shape}.")
+    net = models.MLP(data_shape[0], hidden=tuple(m.hidden), time_embed_dim=m.time_embed_dim,
+                     num_classes=m.num_classes, zero_init_output=zero_init_output, rngs=nnx.Rngs(seed))
+  else:
+    if len(data_shape) != 3 or any(s % 2 ** (len(m.channels) - 1) for s in data_shape[:2]):
+      raise ConfigError(f"config.model.channels = {tuple(m.channels)}: image size {data_shape[:2]} must be "
+                        f"divisible by 2^(levels - 1).")
+    net = models.UNet(data_shape[-1], tuple(m.channels), m.time_embed_dim, m.num_classes, zero_init_output,
+                      rngs=nnx.Rngs(seed))
   return models.functional(net)
 
 
@@ -170,5 +194,6 @@ def validate_pretrain(cfg):
   require(cfg, "pretrain.batch_size", _positive_int, "a positive integer")
   require(cfg, "pretrain.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")
   require(cfg, "pretrain.log_every", _positive_int, "a positive integer")
+  require(cfg, "pretrain.cond_drop_prob", lambda v: 0 <= v < 1, "in [0, 1)") if "cond_drop_prob" in cfg.pretrain else None
   validate_optimizer(cfg, "pretrain.optimizer")
   validate_checkpoint(cfg, "pretrain.checkpoint")

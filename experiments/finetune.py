@@ -36,7 +36,7 @@ def load_base(base_dir: str, mesh):
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"config.base_checkpoint={base_dir!r} holds no checkpoint.")
   cfg = ml_collections.ConfigDict(ckpt.restore_config())
-  apply_fn, params = builders.build_model(cfg, 2, cfg.seed)
+  apply_fn, params = builders.build_model(cfg, builders.data_shape(cfg), cfg.seed)
   optimizer = builders.build_optimizer(cfg, "pretrain.optimizer", cfg.pretrain.steps)
   state = ckpt.restore(None, training.init_state(params, optimizer, cfg.seed), mesh)
   ckpt.close()

@@ -27,10 +27,13 @@ def to_local(tree):
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
-def dataset(cfg) -> np.ndarray:
+def dataset(cfg) -> tuple:
+  """(x,) for the 2-D toys, (x, labels) for labelled images."""
   d = cfg.data
+  if d.name == "digits":
+    return data_lib.digits("train")
   kwargs = {k: d[k] for k in ("num_components", "radius", "std") if k in d}
-  return data_lib.toy_2d(d.name, d.num_samples, seed=cfg.seed, **kwargs)
+  return (data_lib.toy_2d(d.name, d.num_samples, seed=cfg.seed, **kwargs),)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
@@ -39,8 +42,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   mesh = sharding.make_mesh(cfg.mesh.num_devices)
   schedule = builders.build_schedule(cfg)
   pc = cfg.pretrain
-  x = dataset(cfg)
-  apply_fn, params = builders.build_model(cfg, x.shape[1], cfg.seed)
+  data = dataset(cfg)
+  apply_fn, params = builders.build_model(cfg, data[0].shape[1:], cfg.seed)
   optimizer = builders.build_optimizer(cfg, "pretrain.optimizer", pc.steps)
   state = training.init_state(params, optimizer, cfg.seed)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), pc.checkpoint.max_to_keep,
@@ -50,8 +53,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   else:
     state = sharding.replicate_tree(state, mesh)
   start = int(to_local(state.step))
-  step_fn = training.make_pretrain_step(apply_fn, schedule, optimizer, pc.batch_size, mesh, pc.ema_decay)
-  data_dev = sharding.replicate_tree((x,), mesh)
+  labelled = len(data) > 1 and cfg.model.num_classes > 0
+  step_fn = training.make_pretrain_step(apply_fn, schedule, optimizer, pc.batch_size, mesh, pc.ema_decay,
+                                        cond_drop_prob=pc.get("cond_drop_prob", 0.0) if labelled else 0.0,
+                                        null_label=cfg.model.num_classes)
+  data_dev = sharding.replicate_tree(data if labelled else data[:1], mesh)
   writer = common.MetricsWriter(workdir)
   progress = common.Progress("pretrain", pc.steps, start)
   cfg_dict = cfg.to_dict()
@@ -73,7 +79,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
     ckpt.save(done, state, cfg_dict, force=True)
   ckpt.close()
   summary = {"step": done}
-  if done >= pc.steps:
+  if done >= pc.steps and data[0].ndim == 2:
     summary.update(evaluate_base(cfg, apply_fn, to_local(base_params(state, pc.ema_decay)), schedule))
   writer.final(summary)
   return summary

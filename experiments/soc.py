@@ -21,9 +21,7 @@ import time
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 import matplotlib
-import numpy as np
 import optax
 from flax import nnx
 from ml_collections import config_flags
