@@ -39,7 +39,8 @@ class Checkpointer:
       raise ValueError(f"checkpoint.max_to_keep must be >= 1, got {max_to_keep}.")
     if save_interval_steps < 1:
       raise ValueError(f"checkpoint.every_steps must be >= 1, got {save_interval_steps}.")
-    self.directory = os.path.abspath(directory)
+    # Cloud paths (gs://...) are passed through; local paths must be absolute for Orbax.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                            enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))

@@ -7,6 +7,7 @@ import time
 
 import jax
 from absl import logging
+from etils import epath
 
 
 def maybe_initialize_distributed(cfg):
@@ -40,14 +41,14 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str):
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)  # local or cloud (gs://) paths
     self.active = jax.process_index() == 0
     self._tb = None
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
+      self.workdir.mkdir(parents=True, exist_ok=True)
       try:
         from tensorboardX import SummaryWriter  # optional
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = SummaryWriter(str(self.workdir / "tb"))
       except ImportError:
         self._tb = None
 
@@ -55,7 +56,7 @@ class MetricsWriter:
     if not self.active:
       return
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+    with (self.workdir / "metrics.jsonl").open("a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
@@ -65,7 +66,7 @@ class MetricsWriter:
   def final(self, summary: dict):
     if not self.active:
       return
-    with open(os.path.join(self.workdir, "metrics.json"), "w") as f:
+    with (self.workdir / "metrics.json").open("w") as f:
       json.dump(summary, f, indent=2, default=float)
     if self._tb is not None:
       self._tb.flush()
