@@ -41,10 +41,6 @@ class Checkpointer:
       raise ValueError(f"checkpoint.every_steps must be >= 1, got {save_interval_steps}.")
     # Cloud paths (gs://...) are passed through; local paths must be absolute for Orbax.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
-    if async_save and jax.process_count() > 1 and jax.default_backend() == "cpu":
-      # Multi-process CPU (gloo): the async writer's cross-process barriers and the next save's
-      # barrier deadlocked (2 processes, 2026-11-25); save synchronously there.  GPU/TPU keep async.
-      async_save = False
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                            enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))

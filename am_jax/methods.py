@@ -27,6 +27,7 @@ Methods (derivations and measurements: notes_methods.md):
   am_const_sigma      AM sampled with a constant sigma (the biased baseline of paper Fig. 2).
   eam                 Efficient AM: linear (Gaussian-reference) base drift, terminal cost
                       g = -r - log p_base + log p_ref, few-step ODE sampling, closed-form adjoint.
+                      Exact fixed point, but mode weights are a near-neutral direction (notes_methods.md).
   deterministic_am    ODE dynamics, truncated lean adjoint, regulariser 'kl' | 'kinetic' | 'power'.
 
 IMPORTANT for methods that differentiate through the states (basic_am, continuous_adjoint,
@@ -531,6 +532,11 @@ def eam_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn,
   -sigma Phi a(1) (cf. paper Eq. 25).  Its fixed point v_ft = v_{p*}: with p* = p_base e^r / Z this is the
   target-score identity s_t(x) = E[grad log p*(X_1) | X_t = x] / alpha_t rewritten (notes_methods.md).
   grad log p_base is read off the base velocity at t_s = ``eam_score_time`` (``base_data_score``).
+
+  Limitation (derived and measured in notes_methods.md): with samples X_1 ~ p_n of the current model the
+  regression returns v_{p_n} + eta Phi E[grad log(p* / p_n)(X_1) | X_t], i.e. it rebuilds the model's own velocity
+  plus a correction that vanishes where log(p* / p_n) is flat.  Relative weights of well-separated modes
+  are therefore (nearly) neutral: on ``gmm.bimodal_1d`` EAM keeps whatever mode masses it has (0.63 vs 0.88).
   """
   cfg = as_method_config(config)
   schedule, s = cfg.schedule, cfg.eam_ref_std

@@ -51,6 +51,10 @@ def env(num_devices: int):
   return e
 
 
-def python(args, num_devices: int, **kw):
+def python(args, num_devices: int, stdout_file=None, **kw):
+  """Starts ``python args`` with forced CPU devices; output to pipes, or both streams to ``stdout_file``."""
+  if stdout_file is not None:
+    return subprocess.Popen([sys.executable] + list(args), env=env(num_devices), cwd=REPO, stdout=stdout_file,
+                            stderr=subprocess.STDOUT, text=True, **kw)
   return subprocess.Popen([sys.executable] + list(args), env=env(num_devices), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, **kw)
