@@ -16,7 +16,7 @@ memoryless sigma = sqrt(2 eta), r = lambda * reward.  Step k of a grid has size 
 drift b_k(x) = v(x, tau_k) + c_k (v - kappa_k x), so the fine-tuned drift is b_base + sigma u with the
 control u_k = (1 + c_k)(v_ft - v_base) / sigma_k (2 (v_ft - v_base) / sigma when memoryless; paper Eq. 18).
 
-Methods (derivations and measurements: notes_methods.md):
+Methods (derivations and measurements: BUILD_NOTES.md section 8):
   am                  Adjoint Matching, lean adjoint (paper Alg. 1, Eq. 25): ``losses.adjoint_matching_objective``.
   basic_am            basic AM (paper Eq. 22): same regression, full adjoint of the controlled process (Eq. 20).
   continuous_adjoint  the adjoint method (paper Eq. 20-21): surrogate whose gradient is
@@ -27,7 +27,7 @@ Methods (derivations and measurements: notes_methods.md):
   am_const_sigma      AM sampled with a constant sigma (the biased baseline of paper Fig. 2).
   eam                 Efficient AM: linear (Gaussian-reference) base drift, terminal cost
                       g = -r - log p_base + log p_ref, few-step ODE sampling, closed-form adjoint.
-                      Exact fixed point, but mode weights are a near-neutral direction (notes_methods.md).
+                      Exact fixed point, but mode weights are a near-neutral direction (BUILD_NOTES.md section 8).
   deterministic_am    ODE dynamics, truncated lean adjoint, regulariser 'kl' | 'kinetic' | 'power'.
 
 IMPORTANT for methods that differentiate through the states (basic_am, continuous_adjoint,
@@ -511,7 +511,7 @@ def _ode_sample(velocity_fn, x0, cfg: MethodConfig):
 
 
 def eam_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, key, x_shape, config, cond=()):
-  """Efficient Adjoint Matching (derived in notes_methods.md).
+  """Efficient Adjoint Matching (derived in BUILD_NOTES.md section 8).
 
   Reformulation.  Replace the memoryless base b_base = 2 v_base - kappa x by the memoryless process of the
   Gaussian reference p_ref = N(0, s^2 I), whose drift b_ref(x, t) = A(t) x is linear, and the terminal
@@ -530,10 +530,10 @@ def eam_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn,
 
   a regression of the control relative to the reference, u_ref = 2 (v_ft - v_ref) / sigma, onto
   -sigma Phi a(1) (cf. paper Eq. 25).  Its fixed point v_ft = v_{p*}: with p* = p_base e^r / Z this is the
-  target-score identity s_t(x) = E[grad log p*(X_1) | X_t = x] / alpha_t rewritten (notes_methods.md).
+  target-score identity s_t(x) = E[grad log p*(X_1) | X_t = x] / alpha_t rewritten (BUILD_NOTES.md section 8).
   grad log p_base is read off the base velocity at t_s = ``eam_score_time`` (``base_data_score``).
 
-  Limitation (derived and measured in notes_methods.md): with samples X_1 ~ p_n of the current model the
+  Limitation (derived and measured in BUILD_NOTES.md section 8): with samples X_1 ~ p_n of the current model the
   regression returns v_{p_n} + eta Phi E[grad log(p* / p_n)(X_1) | X_t], i.e. it rebuilds the model's own velocity
   plus a correction that vanishes where log(p* / p_n) is flat.  Relative weights of well-separated modes
   are therefore (nearly) neutral: on ``gmm.bimodal_1d`` EAM keeps whatever mode masses it has (0.63 vs 0.88).
@@ -613,7 +613,7 @@ def deterministic_am_objective(ft_apply_fn, ft_params, base_apply_fn, base_param
   and the regression; ``det_anchor_steps`` random earlier steps are regressed to dv = 0 so the field
   solves the truncated problem (control only on the window).  The fixed point is NOT the tilted
   distribution: it is the push-forward of N(0, I) by the per-trajectory optimal deterministic control
-  (``deterministic_reference_samples``); see notes_methods.md.
+  (``deterministic_reference_samples``); see BUILD_NOTES.md section 8.
   """
   cfg = as_method_config(config)
   coeffs = _ode_coefficients(cfg)

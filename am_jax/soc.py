@@ -30,7 +30,7 @@ u_k*(x) = -sigma_k^T E[grad V_{k+1}(X_{k+1}) | X_k = x] = -sigma_k^T E[a_{k+1} |
 regression  min_u E sum_k h |u(X_k, t_k) + sigma_k^T a_{k+1}|^2  has the discrete-time optimum as its fixed
 point; pairing with a_k instead adds the O(h) term h grad f + h (grad b)^T a (it is the same in the
 continuous limit).  The learned control is compared with the continuous u*(t_k, x), which differs from the
-discrete optimum by O(h): that sets a floor on the L2 error (notes_soc.md quantifies it for Linear OU).
+discrete optimum by O(h): that sets a floor on the L2 error (BUILD_NOTES.md section 9 quantifies it for Linear OU).
 
 Baselines.  ``discrete_adjoint_loss``: the mean cost J of one batch, differentiated by backprop through the
 scanned Euler-Maruyama loop with the noise fixed (discretise-then-optimise).  ``continuous_adjoint_loss``:
@@ -594,7 +594,7 @@ def double_well(dim: int = 10, num_steps: int = 200, T: float = 1.0, x_max: floa
   V(t, x) = sum_i V_i(t, x_i) and u*_i(t, x) = -dV_i/dx_i(t, x_i).  Each distinct 1-D (kappa, nu) pair is
   solved once by ``solve_value_1d`` (CTMC transition matrix on [-x_max, x_max], num_x points, num_t time
   steps; the default num_t = 1000 puts every training-grid time of K = 200 on a table node) and u* is
-  bilinear interpolation of the table.  Grid convergence (notes_soc.md): along paths of u*, the L2 distance
+  bilinear interpolation of the table.  Grid convergence (BUILD_NOTES.md section 9): along paths of u*, the L2 distance
   E int |u*_1001 - u*_N|^2 dt between the default table (num_x = 1001, dx = 0.005) and tables with
   N = 501 / 1601 points is 2.6e-7 / 1.5e-7, far below any learned-control error reported.
   """

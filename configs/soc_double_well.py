@@ -9,7 +9,7 @@ Measured 2026-11-25 (2-core shared CPU, jax 0.10.2): total 240 s.  J(u*) = 2.188
   discrete_adjoint   it 500: L2 0.647, J 2.534 +- 0.030, L2 1e-2 not reached, train 59 s
   continuous_adjoint it 500: L2 0.646, J 2.533 +- 0.030, L2 1e-2 not reached, train 72 s
 Reduced budget (500 iterations): no method gets far; the adjoint targets are noise-dominated here
-(per-path target variance ~32 vs signal E int |u*|^2 = 0.67; notes_soc.md).
+(per-path target variance ~32 vs signal E int |u*|^2 = 0.67; BUILD_NOTES.md section 9).
 """
 import ml_collections
 

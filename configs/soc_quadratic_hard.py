@@ -9,7 +9,7 @@ Measured 2026-11-25 (2-core shared CPU, jax 0.10.2): total 168 s.  J(u*) = 29.67
   discrete_adjoint   it 1500: L2 0.159, J 29.726 +- 0.180, L2 1e-2 not reached, train 49 s
   continuous_adjoint it 1500: L2 0.14, J 29.738 +- 0.179, L2 1e-2 not reached, train 43 s
 Floor: the exact discrete-time (K = 50 Euler) optimum is itself 0.030 from the continuous u* in this L2
-error, so 1e-2 is unreachable at K = 50 for every method (notes_soc.md).  Reduced budget: 1500 iterations.
+error, so 1e-2 is unreachable at K = 50 for every method (BUILD_NOTES.md section 9).  Reduced budget: 1500 iterations.
 """
 import ml_collections
 

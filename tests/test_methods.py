@@ -6,7 +6,7 @@ Prop. 2); the EAM reference formulas are exact on a Gaussian mixture and the exa
 point; cheap convergence checks (EAM reaches the tilt on a unimodal base; DRaFT and ReFL never come close).
 
 Slow (``-m slow``): 1000-step runs on the 1-D problem 0.5 N(-1, .3^2) + 0.5 N(1, .3^2), r(x) = x, lambda = 1
-(exact target mass 0.881).  Thresholds sit between measured values (notes_methods.md, 2-core CPU,
+(exact target mass 0.881).  Thresholds sit between measured values (BUILD_NOTES.md section 8, 2-core CPU,
 2026-11-25): the AM family lands at W1 0.06-0.10, the biased / reward-only methods at >= 0.19.
 """
 import functools
@@ -23,7 +23,7 @@ S = schedules.LinearSchedule()
 BASE = gmm.bimodal_1d()
 TARGET = gmm.tilt_linear(BASE, 1.0)
 REWARD = rewards.linear_reward(1.0)
-REACH_W1 = 0.15  # AM family measured 0.05-0.11; biased / reward-only >= 0.19 (notes_methods.md)
+REACH_W1 = 0.15  # AM family measured 0.05-0.11; biased / reward-only >= 0.19 (BUILD_NOTES.md section 8)
 REACH_MASS = 0.08  # |right-mode mass - 0.881|: AM family 0.83-0.89, constant sigma 1.0: 0.73-0.76
 
 
