@@ -32,8 +32,8 @@ Methods (derivations and measurements: BUILD_NOTES.md section 8):
 
 IMPORTANT for methods that differentiate through the states (basic_am, continuous_adjoint,
 discrete_adjoint, draft): ``ft_apply_fn`` must be differentiable in x, including its base-model part.
-``models.residual_model`` wraps the base velocity in ``stop_gradient`` (which also cuts d v_base / dx),
-so use ``residual_model`` from this module (stops the gradient of the base *parameters* only).
+``models.residual_model`` stops the gradient of the base *parameters* only, so d v_base / dx flows
+(needed by the methods that differentiate through states).
 """
 from __future__ import annotations
 
@@ -150,25 +150,9 @@ def as_method_config(config) -> MethodConfig:
   raise TypeError(f"config must be a MethodConfig or an AMConfig, got {type(config).__name__}.")
 
 
-def residual_model(base_apply_fn: Callable, base_params, net_apply_fn: Callable, schedule,
-                   parameterisation: str = "control") -> Callable:
-  """Like ``models.residual_model`` but differentiable in x through the base term.
-
-  v_ft(x, t) = v_base(x, t) + net(x, t)  ('velocity')  or  v_base + sigma(t)/2 * net  ('control').
-  Only the base *parameters* are frozen: the methods that backpropagate through states need
-  d v_base / dx (the drift Jacobian of the fine-tuned process contains it).
-  """
-  if parameterisation not in ("control", "velocity"):
-    raise ValueError(f"parameterisation must be 'control' or 'velocity', got {parameterisation!r}.")
-
-  def apply_fn(net_params, x, t, *cond):
-    v_base = base_apply_fn(jax.lax.stop_gradient(base_params), x, t, *cond)
-    out = net_apply_fn(net_params, x, t, *cond)
-    if parameterisation == "control":
-      out = 0.5 * _bcast(schedule.memoryless_sigma(t), x) * out
-    return v_base + out
-
-  return apply_fn
+# ``models.residual_model`` freezes only the base *parameters*, so d v_base / dx flows: the methods
+# that backpropagate through states need it (the drift Jacobian of the fine-tuned process).
+residual_model = models.residual_model
 
 
 # ---------------------------------------------------------------------------------------------
