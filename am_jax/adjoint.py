@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from am_jax.dynamics import checked
-from am_jax.sampling import StepCoefficients, _nearest_index, step_drift, step_time
+from am_jax.sampling import (Step, StepCoefficients, _nearest_index, drift_of, euler, per_step, segment_noise,
+                             segment_steps, step_at, step_drift, step_time)
 
 
 def terminal_adjoint(reward_fn: Callable, x1, reward_multiplier=1.0, cond=()):
@@ -55,20 +56,25 @@ def terminal_adjoint(reward_fn: Callable, x1, reward_multiplier=1.0, cond=()):
   return -reward_multiplier * grad, rewards
 
 
+def _adjoint_vjp(base_velocity_fn, x_k, s: Step, a_next):
+  """h_k (grad_x b_k(X_k))^T a_{k+1}: one VJP of the base drift of the step with coefficients s."""
+  t_k = jnp.full((x_k.shape[0],), s.tau, dtype=jnp.float32)
+  _, vjp = jax.vjp(lambda x: drift_of(base_velocity_fn(x, t_k), x, s), x_k)
+  return s.dt * vjp(a_next)[0]
+
+
 def _adjoint_step_vjp(base_velocity_fn, traj, coeffs, k, a_next):
-  """h_k (grad_x b_k(X_k))^T a_{k+1}: one VJP of the base drift of step k."""
-  x_k = traj[k]
-  t_k = step_time(coeffs, k, x_k.shape[0])
-  _, vjp = jax.vjp(lambda x: step_drift(base_velocity_fn(x, t_k), x, coeffs, k), x_k)
-  return coeffs.dt[k] * vjp(a_next)[0]
+  return _adjoint_vjp(base_velocity_fn, traj[k], step_at(coeffs, k), a_next)
 
 
 def _lean_adjoint_scan(base_velocity_fn, traj, a1, coeffs):
-  def body(a_next, k):
-    a_k = a_next + _adjoint_step_vjp(base_velocity_fn, traj, coeffs, k, a_next)
+  def body(a_next, inp):
+    s, k = inp
+    x_k = jax.lax.dynamic_index_in_dim(traj, k, 0, keepdims=False)
+    a_k = a_next + _adjoint_vjp(base_velocity_fn, x_k, s, a_next)
     return a_k, a_k
 
-  _, a_rev = jax.lax.scan(body, a1, jnp.arange(coeffs.num_steps), reverse=True)
+  _, a_rev = jax.lax.scan(body, a1, (per_step(coeffs), jnp.arange(coeffs.num_steps)), reverse=True)
   return jnp.concatenate([a_rev, a1[None]], axis=0)
 
 
@@ -109,3 +115,70 @@ def lean_adjoint(base_velocity_fn: Callable, traj, a1, coeffs: StepCoefficients,
   if solver == "diffrax":
     return _lean_adjoint_diffrax(base_velocity_fn, traj, a1, coeffs)
   raise ValueError(f"Unknown solver {solver!r}; expected 'scan' or 'diffrax'.")
+
+
+def lean_adjoint_remat(velocity_fn: Callable, base_velocity_fn: Callable, checkpoints, noise, a1,
+                       coeffs: StepCoefficients, idx):
+  """The lean adjoint with the forward trajectory rematerialised segment by segment (bounded memory).
+
+  Instead of a stored (K+1, B, ...) trajectory this takes the segment-start states of
+  ``sampling.simulate_checkpoints`` and the noise; going backward over the segments it recomputes the
+  L = K / S states of one segment with ``velocity_fn`` (the model that produced the trajectory; the
+  same ``sampling.euler``), then runs the same backward recursion as ``lean_adjoint`` over them.
+  Only the pairs the loss uses are kept.
+
+  Args:
+    velocity_fn: ``fn(x, t)`` of the model that produced the trajectory (fine-tuned, no gradient).
+    base_velocity_fn: ``fn(x, t)`` of the base model (the adjoint's Jacobians).
+    checkpoints: (S, B, ...) states X_0, X_L, ..., X_{(S-1)L}.
+    noise: (K, B, ...) the standard normal draws of the forward simulation, or a function
+      ``noise_segment(j)`` returning its rows [jL, (j+1)L) (``sampling.simulate_checkpoints``).
+    a1: (B, ...) terminal adjoint.
+    coeffs: StepCoefficients of the simulation.
+    idx: (M,) distinct step indices in [0, K) (``losses.select_timesteps``).
+
+  Returns:
+    ``(x_sel, a_sel)``, both (M, B, ...): X_k and a_{k+1} for k in idx, equal (to float rounding) to
+    ``traj[idx]`` and ``lean_adjoint(...)[idx + 1]``.  Live memory: O((S + L + M) B dim) (plus the
+    noise if it is passed as an array) instead of O(K B dim) for the trajectory and the adjoint.
+  """
+  num_segments, k_steps = checkpoints.shape[0], coeffs.num_steps
+  chex.assert_shape(checkpoints, (num_segments,) + a1.shape)
+  if k_steps % num_segments:
+    raise ValueError(f"{num_segments} segments do not divide the {k_steps} steps.")
+  if not callable(noise):
+    chex.assert_shape(noise, (k_steps,) + a1.shape)
+    noise = jax.lax.stop_gradient(noise)
+  noise_segment = segment_noise(noise, num_segments, k_steps)
+  seg_len = k_steps // num_segments
+  m = idx.shape[0]
+  checkpoints = jax.lax.stop_gradient(checkpoints)
+  # Slot of step k in the output buffers; steps the loss does not use write to a spare slot m.
+  slot = jnp.full((k_steps,), m, jnp.int32).at[idx].set(jnp.arange(m, dtype=jnp.int32))
+  buf = jnp.zeros((m + 1,) + a1.shape, a1.dtype)
+
+  def segment(carry, inp):
+    j, x_start = inp
+    rows = noise_segment(j)
+    steps = segment_steps(coeffs, j, seg_len)
+
+    def forward(x, inp1):
+      s, noise_k = inp1
+      return euler(velocity_fn, x, noise_k, s), x
+
+    _, xs = jax.lax.scan(forward, x_start, (steps, rows))  # xs[i] = X_{jL + i}
+
+    def backward(c, inp2):
+      a_next, bx, ba = c
+      s, slot_k, x_k = inp2
+      bx = jax.lax.dynamic_update_index_in_dim(bx, x_k, slot_k, 0)
+      ba = jax.lax.dynamic_update_index_in_dim(ba, a_next, slot_k, 0)
+      a_k = a_next + _adjoint_vjp(base_velocity_fn, x_k, s, a_next)
+      return (a_k, bx, ba), None
+
+    slots = jax.lax.dynamic_slice_in_dim(slot, j * seg_len, seg_len)
+    carry, _ = jax.lax.scan(backward, carry, (steps, slots, xs), reverse=True)
+    return carry, None
+
+  (_, bx, ba), _ = jax.lax.scan(segment, (a1, buf, buf), (jnp.arange(num_segments), checkpoints), reverse=True)
+  return bx[:m], ba[:m]

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from am_jax import adjoint as adjoint_lib
+from am_jax import models
 from am_jax import sampling
 from am_jax import schedules as schedules_lib
 from am_jax import sharding as sharding_lib
@@ -61,6 +62,18 @@ class AMConfig:
   # Diffusion used to sample the fine-tuning trajectories.  Must be 'memoryless' to reach the
   # tilted distribution (Thm. 1); other values exist to reproduce the bias of paper Fig. 2.
   diffusion: object = "memoryless"
+  # Memory (notes_perf.md).  remat_segments = S > 0: ``adjoint_matching_objective`` keeps only S
+  # segment-start states of the trajectory (S must divide num_steps) and recomputes each segment during
+  # the backward adjoint, keeping only the states/adjoints of the loss time steps: O((S + K/S + M) B dim)
+  # instead of O(K B dim), for K more forward passes of the fine-tuned model.  0 = off (store everything).
+  remat_segments: int = 0
+  # chunk_loss: evaluate the loss one selected time step at a time (lax.scan over the M steps, each under
+  # jax.checkpoint): the backward pass holds the activations of batch B instead of M * B, for one more
+  # forward pass of the fine-tuned model at the loss points.  Same value and gradient to float rounding.
+  chunk_loss: bool = False
+  # Mixed precision: dtype of the network evaluations (params and x cast, output back to float32;
+  # ``models.mixed_precision``).  The SDE state, the adjoint and the loss stay float32.
+  network_dtype: str = "float32"
 
   def __post_init__(self):
     if self.num_steps < 1:
@@ -77,6 +90,16 @@ class AMConfig:
       raise ValueError(f"AMConfig.loss_clip must be positive or None, got {self.loss_clip}.")
     if self.solver not in sampling.SOLVERS:
       raise ValueError(f"AMConfig.solver must be one of {sampling.SOLVERS}, got {self.solver!r}.")
+    if (not isinstance(self.remat_segments, int) or isinstance(self.remat_segments, bool)
+        or self.remat_segments < 0 or (self.remat_segments and self.num_steps % self.remat_segments)):
+      raise ValueError(f"AMConfig.remat_segments must be 0 (off) or a positive divisor of num_steps = "
+                       f"{self.num_steps}, got {self.remat_segments!r}.")
+    if self.remat_segments and self.solver != "scan":
+      raise ValueError(f"AMConfig.remat_segments > 0 needs solver = 'scan', got solver = {self.solver!r}.")
+    if not isinstance(self.chunk_loss, bool):
+      raise TypeError(f"AMConfig.chunk_loss must be a bool, got {self.chunk_loss!r}.")
+    if self.network_dtype not in models.NETWORK_DTYPES:
+      raise ValueError(f"AMConfig.network_dtype must be one of {models.NETWORK_DTYPES}, got {self.network_dtype!r}.")
     if not isinstance(self.schedule, schedules_lib.Schedule):
       raise TypeError(f"AMConfig.schedule must be a Schedule, got {self.schedule!r}.")
     schedules_lib.get_diffusion(self.diffusion)
@@ -129,6 +152,8 @@ def make_am_batch(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, bas
       is then constrained to the mesh's data axis (``am_jax.sharding``).
   """
   coeffs = config.coefficients()
+  ft_apply_fn = models.mixed_precision(ft_apply_fn, config.network_dtype)
+  base_apply_fn = models.mixed_precision(base_apply_fn, config.network_dtype)
   k0, kn = jax.random.split(key)
   x0 = sharding_lib.constrain_batch(jax.random.normal(k0, tuple(x_shape), jnp.float32), mesh, 0)
   noise = sharding_lib.constrain_batch(sampling.draw_noise(kn, config.num_steps, x_shape), mesh, 1)
@@ -167,25 +192,47 @@ def adjoint_matching_loss(ft_apply_fn: Callable, ft_params, base_apply_fn: Calla
   traj, adj = jax.lax.stop_gradient(batch.traj), jax.lax.stop_gradient(batch.adjoint)
   chex.assert_equal_shape([traj, adj])
   chex.assert_axis_dimension(traj, 0, config.num_steps + 1)
-  coeffs = config.coefficients()
   idx = select_timesteps(key, config)
-  m, b = idx.shape[0], traj.shape[1]
-  x = traj[idx].reshape((m * b,) + traj.shape[2:])
   # The control of step k moves X_{k+1} (d X_{k+1} / d u_k = h sigma_k), so the discrete-time
   # optimality condition is u_k = -sigma_k E[a_{k+1} | X_k]: pair X_k with a_{k+1}.  (With a_k
   # instead, the stiff first memoryless step, whose Jacobian is 1 - h kappa(tau_0), can flip the
   # sign of the target; see BUILD_NOTES.md.)
-  a = adj[idx + 1].reshape((m * b,) + traj.shape[2:])
-  t = jnp.repeat(coeffs.tau[idx], b)
-  sig = jnp.repeat(coeffs.loss_sigma[idx], b)
-  one_plus_c = jnp.repeat(1.0 + coeffs.loss_drift_scale[idx], b)
-  cond_m = _tile_cond(cond, m)
-  v_ft = ft_apply_fn(ft_params, x, t, *cond_m)
-  v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_m))
-  chex.assert_equal_shape([v_ft, v_base, x])
-  u = _bcast(one_plus_c / sig, x) * (v_ft - v_base)
-  target = -_bcast(sig, x) * a
-  terms = jnp.sum(((u - target) ** 2).reshape(m * b, -1), axis=-1)
+  return loss_at_timesteps(ft_apply_fn, ft_params, base_apply_fn, base_params, traj[idx], adj[idx + 1], idx,
+                           batch.rewards, config, cond)
+
+
+def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, base_params, x_sel, a_sel, idx,
+                      rewards, config: AMConfig = AMConfig(), cond=()):
+  """The loss of ``adjoint_matching_loss`` given the selected pairs: x_sel = X_k, a_sel = a_{k+1}, k in idx.
+
+  x_sel, a_sel: (M, B, ...); idx: (M,) step indices; rewards: (B,) (diagnostics only).  With
+  ``config.chunk_loss`` the M time steps are evaluated one at a time under ``jax.checkpoint``.
+  """
+  x_sel, a_sel = jax.lax.stop_gradient(x_sel), jax.lax.stop_gradient(a_sel)
+  chex.assert_equal_shape([x_sel, a_sel])
+  chex.assert_axis_dimension(x_sel, 0, idx.shape[0])
+  ft_apply_fn = models.mixed_precision(ft_apply_fn, config.network_dtype)
+  base_apply_fn = models.mixed_precision(base_apply_fn, config.network_dtype)
+  coeffs = config.coefficients()
+  m, b = idx.shape[0], x_sel.shape[1]
+  if config.chunk_loss:
+    terms, u_sq, target_sq = _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx,
+                                            coeffs, cond)
+  else:
+    x = x_sel.reshape((m * b,) + x_sel.shape[2:])
+    a = a_sel.reshape((m * b,) + x_sel.shape[2:])
+    t = jnp.repeat(coeffs.tau[idx], b)
+    sig = jnp.repeat(coeffs.loss_sigma[idx], b)
+    one_plus_c = jnp.repeat(1.0 + coeffs.loss_drift_scale[idx], b)
+    cond_m = _tile_cond(cond, m)
+    v_ft = ft_apply_fn(ft_params, x, t, *cond_m)
+    v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_m))
+    chex.assert_equal_shape([v_ft, v_base, x])
+    u = _bcast(one_plus_c / sig, x) * (v_ft - v_base)
+    target = -_bcast(sig, x) * a
+    terms = jnp.sum(((u - target) ** 2).reshape(m * b, -1), axis=-1)
+    u_sq = jnp.sum((u**2).reshape(m * b, -1), -1)
+    target_sq = jnp.sum((target**2).reshape(m * b, -1), -1)
   if config.loss_clip is not None:
     thresh = config.loss_clip * config.reward_multiplier**2
     clipped = jnp.minimum(terms, thresh)
@@ -196,18 +243,90 @@ def adjoint_matching_loss(ft_apply_fn: Callable, ft_params, base_apply_fn: Calla
   aux = {
       "loss_unclipped": jnp.mean(terms),
       "clip_fraction": clip_fraction,
-      "reward_mean": jnp.mean(batch.rewards),
-      "reward_std": jnp.std(batch.rewards),
-      "control_norm": jnp.mean(jnp.sum((u**2).reshape(m * b, -1), -1)),
-      "target_norm": jnp.mean(jnp.sum((target**2).reshape(m * b, -1), -1)),
+      "reward_mean": jnp.mean(rewards),
+      "reward_std": jnp.std(rewards),
+      "control_norm": jnp.mean(u_sq),
+      "target_norm": jnp.mean(target_sq),
   }
   return loss, aux
 
 
+def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, coeffs, cond):
+  """Per-term losses (M * B,) and |u|^2, |target|^2, one loss time step per ``lax.scan`` iteration.
+
+  Each iteration is a ``jax.checkpoint``: the backward pass stores only its inputs and recomputes the
+  network activations of one time step (batch B) at a time.
+  """
+  m, b = idx.shape[0], x_sel.shape[1]
+
+  @jax.checkpoint
+  def one_step(params, x, a, tau, sig, one_plus_c):
+    t = jnp.full((b,), tau, jnp.float32)
+    v_ft = ft_apply_fn(params, x, t, *cond)
+    v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond))
+    chex.assert_equal_shape([v_ft, v_base, x])
+    u = (one_plus_c / sig).astype(x.dtype) * (v_ft - v_base)
+    target = -sig.astype(x.dtype) * a
+    flat = lambda z: z.reshape(b, -1)  # noqa: E731
+    return (jnp.sum(flat(u - target) ** 2, -1), jnp.sum(flat(u) ** 2, -1), jnp.sum(flat(target) ** 2, -1))
+
+  def body(carry, inp):
+    return carry, one_step(ft_params, *inp)
+
+  inputs = (x_sel, a_sel, coeffs.tau[idx], coeffs.loss_sigma[idx], 1.0 + coeffs.loss_drift_scale[idx])
+  _, (terms, u_sq, target_sq) = jax.lax.scan(body, None, inputs)
+  return terms.reshape(m * b), u_sq.reshape(m * b), target_sq.reshape(m * b)
+
+
+def make_am_selection(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, base_params, reward_fn: Callable,
+                      key, x_shape, idx, config: AMConfig, cond=(), mesh=None):
+  """Bounded-memory ``make_am_batch``: only the pairs (X_k, a_{k+1}), k in idx, and the rewards.
+
+  Same noise and arithmetic as ``make_am_batch`` + indexing, but the trajectory is kept at
+  ``config.remat_segments`` segment starts (``sampling.simulate_checkpoints``) and rematerialised
+  during the backward adjoint (``adjoint.lean_adjoint_remat``), and the noise is regenerated segment
+  by segment (``sampling.noise_rows``, bit-identical rows).  Returns (x_sel, a_sel, rewards).
+  """
+  if not config.remat_segments:
+    raise ValueError("make_am_selection needs AMConfig.remat_segments > 0.")
+  coeffs = config.coefficients()
+  ft_apply_fn = models.mixed_precision(ft_apply_fn, config.network_dtype)
+  base_apply_fn = models.mixed_precision(base_apply_fn, config.network_dtype)
+  k0, kn = jax.random.split(key)
+  x0 = sharding_lib.constrain_batch(jax.random.normal(k0, tuple(x_shape), jnp.float32), mesh, 0)
+  seg_len = config.num_steps // config.remat_segments
+
+  def noise(j):  # rows [j L, (j+1) L) of make_am_batch's noise, regenerated (never the whole (K, B, ...))
+    rows = sampling.noise_rows(kn, j * seg_len, seg_len, config.num_steps, x_shape)
+    return sharding_lib.constrain_batch(rows, mesh, 1)
+
+  ft_params = jax.lax.stop_gradient(ft_params)
+  ft_v = lambda x, t: ft_apply_fn(ft_params, x, t, *cond)  # noqa: E731
+  checkpoints, x1 = sampling.simulate_checkpoints(ft_v, x0, noise, coeffs, config.remat_segments)
+  checkpoints = sharding_lib.constrain_batch(jax.lax.stop_gradient(checkpoints), mesh, 1)
+  x1 = sharding_lib.constrain_batch(jax.lax.stop_gradient(x1), mesh, 0)
+  a1, rewards = adjoint_lib.terminal_adjoint(reward_fn, x1, config.reward_multiplier, cond)
+  x_sel, a_sel = adjoint_lib.lean_adjoint_remat(ft_v, lambda x, t: base_apply_fn(base_params, x, t, *cond),
+                                                checkpoints, noise, a1, coeffs, idx)
+  x_sel = sharding_lib.constrain_batch(jax.lax.stop_gradient(x_sel), mesh, 1)
+  a_sel = sharding_lib.constrain_batch(jax.lax.stop_gradient(a_sel), mesh, 1)
+  return x_sel, a_sel, rewards
+
+
 def adjoint_matching_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, key, x_shape,
                                config: AMConfig = AMConfig(), cond=(), mesh=None):
-  """One call: ``make_am_batch`` then ``adjoint_matching_loss``.  Differentiate w.r.t. ft_params."""
+  """One call: ``make_am_batch`` then ``adjoint_matching_loss``.  Differentiate w.r.t. ft_params.
+
+  With ``config.remat_segments > 0`` the bounded-memory path (``make_am_selection`` +
+  ``loss_at_timesteps``) gives the same value and gradient (same keys, same noise) to float rounding.
+  """
   k_batch, k_loss = jax.random.split(key)
+  if config.remat_segments:
+    idx = select_timesteps(k_loss, config)
+    x_sel, a_sel, rewards = make_am_selection(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, k_batch,
+                                              x_shape, idx, config, cond, mesh)
+    return loss_at_timesteps(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, rewards, config,
+                             cond)
   batch = make_am_batch(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, k_batch, x_shape, config, cond,
                         mesh)
   return adjoint_matching_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, batch, k_loss, config, cond)

@@ -59,11 +59,11 @@ class MLP(nnx.Module):
 
   def __call__(self, x, t, label=None):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    h = [x, sinusoidal_embedding(t, self.time_embed_dim)]
+    h = [x, sinusoidal_embedding(t, self.time_embed_dim).astype(x.dtype)]  # (no-op in float32)
     if self.num_classes:
       if label is None:
         label = jnp.full(x.shape[:1], self.num_classes, jnp.int32)
-      h.append(self.label_embed(label))
+      h.append(self.label_embed(label).astype(x.dtype))
     h = jnp.concatenate(h, axis=-1)
     for layer in self.hidden:
       h = nnx.silu(layer(h))
@@ -78,6 +78,31 @@ def functional(model: nnx.Module):
     return nnx.merge(graphdef, params)(x, t, *cond)
 
   return apply_fn, params
+
+
+NETWORK_DTYPES = ("float32", "bfloat16")
+
+
+def mixed_precision(apply_fn: Callable, dtype="float32") -> Callable:
+  """``apply_fn(params, x, t, *cond)`` evaluated in ``dtype``, returning float32.
+
+  Floating-point leaves of ``params`` and ``x`` are cast to ``dtype`` (bfloat16: the network's matmuls
+  and convolutions run in bf16); ``t`` and the conditions are passed unchanged (the models compute the
+  time embedding in float32 and cast it to x's dtype); the output is cast back to float32, so the SDE
+  state, the adjoint and the loss stay float32.  Gradients flow through the casts (float32 in, float32
+  out).  For float32 this returns ``apply_fn`` itself (no cast anywhere).
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return apply_fn
+
+  def cast(a):
+    return a.astype(dtype) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+  def wrapped(params, x, t, *cond):
+    return apply_fn(jax.tree.map(cast, params), cast(x), t, *cond).astype(jnp.float32)
+
+  return wrapped
 
 
 def residual_model(base_apply_fn: Callable, base_params, net_apply_fn: Callable, schedule,
@@ -101,25 +126,29 @@ def residual_model(base_apply_fn: Callable, base_params, net_apply_fn: Callable,
 def _canonical_dims(ndim: int):
   """Dimension numbers of an N-spatial-dim conv with NH..WC inputs and H..WIO kernels (flax layout)."""
   spatial = tuple(range(1, ndim - 1))
-  return lax.ConvDimensionNumbers(lhs_spec=(0, ndim - 1) + spatial, rhs_spec=(ndim - 1, ndim - 2) + tuple(range(ndim - 2)),
+  return lax.ConvDimensionNumbers(lhs_spec=(0, ndim - 1) + spatial,
+                                  rhs_spec=(ndim - 1, ndim - 2) + tuple(range(ndim - 2)),
                                   out_spec=(0, ndim - 1) + spatial)
 
 
 def conv_general_dilated_fast_vjp(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                                   dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-  """``lax.conv_general_dilated`` with a custom VJP whose input gradient uses an explicit HWIO kernel.
+  """``lax.conv_general_dilated`` with a custom VJP written with convolutions in canonical dims.
 
-  Same forward; the input cotangent is ``conv(g, swap_io(flip(w)))`` with padding k - 1 - p, which is
-  exactly what JAX's transpose rule computes (bit-identical on CPU, tested) but with the kernel in the
-  canonical layout.  The weight cotangent is JAX's own rule.  Applies to stride-1, undilated,
-  ungrouped convolutions in flax's NH..WC / H..WIO layout (everything else falls back to
-  ``lax.conv_general_dilated``).  Forward-mode AD (``jax.jvp``) is not available through a custom VJP:
+  Same forward.  The input cotangent is ``conv(g, swap_io(flip(w)))`` with padding k - 1 - p and the
+  weight cotangent a VALID convolution of the padded input (channels as batch) with g (batch as
+  features), both with explicit transposes: exactly what JAX's transpose rules compute (bit-identical
+  on CPU, tested), but JAX's rules emit convolutions with permuted dimension numbers (``01oi`` kernels,
+  ``f01b`` inputs), which XLA:CPU runs on a slow path inside loops (4x for the input VJP in the lean
+  adjoint's ``lax.scan``, 25x for the weight gradient in the chunked loss; notes_perf.md).  Applies to
+  stride-1, undilated, ungrouped convolutions with non-negative padding in flax's NH..WC / H..WIO
+  layout (everything else falls back to ``lax.conv_general_dilated``).  Forward-mode AD (``jax.jvp``) is not available through a custom VJP:
   build the U-Net with ``fast_conv_vjp=False`` for that.
   """
   n = lhs.ndim - 2
   plain = lambda x, w, pads: lax.conv_general_dilated(  # noqa: E731
-      x, w, window_strides, pads, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision,
-      **kwargs)
+      x, w, window_strides, pads, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, precision=precision, **kwargs)
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   simple = (all(s == 1 for s in window_strides) and not any(d != 1 for d in (lhs_dilation or ()))
             and not any(d != 1 for d in (rhs_dilation or ())) and feature_group_count == 1 and not kwargs.get(
@@ -131,7 +160,7 @@ def conv_general_dilated_fast_vjp(lhs, rhs, window_strides, padding, lhs_dilatio
           else tuple(padding))
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
   tpads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(ksize, pads))
-  if any(p < 0 for pair in tpads for p in pair):
+  if any(p < 0 for pair in tpads + pads for p in pair):
     return plain(lhs, rhs, padding)
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
@@ -149,7 +178,12 @@ def conv_general_dilated_fast_vjp(lhs, rhs, window_strides, padding, lhs_dilatio
     x, w = res
     w_t = jnp.swapaxes(jnp.flip(w, tuple(range(n))), -1, -2)  # H..W O I -> the HWIO kernel of the transpose
     dx = conv(g, w_t, tpads).astype(x.dtype)
-    dw = jax.vjp(lambda v: conv(x, v, pads), w)[1](g)[0]
+    # dw[k.., i, o] = sum_{b, s..} x_pad[b, s.. + k.., i] g[b, s.., o]: a convolution of x (padded as in
+    # the forward) with channels as batch and batch as features, with explicit transposes (canonical dims).
+    lhs = jnp.transpose(x, (n + 1,) + tuple(range(1, n + 1)) + (0,))  # (I, S.., B)
+    rhs = jnp.transpose(g, tuple(range(1, n + 1)) + (0, n + 1))  # (S_out.., B, O)
+    dw = conv(lhs, rhs.astype(lhs.dtype), pads)  # (I, K.., O)
+    dw = jnp.transpose(dw, tuple(range(1, n + 1)) + (0, n + 1)).astype(w.dtype)
     return dx, dw
 
   f.defvjp(f_fwd, f_bwd)
@@ -219,11 +253,11 @@ class UNet(nnx.Module):
 
   def __call__(self, x, t, label=None):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    emb = self.t_mlp2(nnx.silu(self.t_mlp1(sinusoidal_embedding(t, self.time_embed_dim))))
+    emb = self.t_mlp2(nnx.silu(self.t_mlp1(sinusoidal_embedding(t, self.time_embed_dim).astype(x.dtype))))
     if self.num_classes:
       if label is None:
         label = jnp.full(x.shape[:1], self.num_classes, jnp.int32)
-      emb = emb + self.label_embed(label)
+      emb = emb + self.label_embed(label).astype(emb.dtype)
     h = self.stem(x)
     skips = []
     for i, block in enumerate(self.down):

@@ -18,6 +18,7 @@ same arithmetic).  ``tests/test_sampling.py`` checks they agree to float toleran
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import chex
@@ -25,6 +26,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 
 from am_jax import schedules as schedules_lib
 from am_jax.dynamics import _bcast
@@ -93,9 +95,38 @@ def make_coefficients(schedule: schedules_lib.Schedule, diffusion="memoryless", 
                           loss_drift_scale=nominal_c.astype(jnp.float32))
 
 
+class Step(NamedTuple):
+  """The coefficients of one step (scalars; (K,) arrays in ``per_step``, sliced by ``lax.scan``)."""
+
+  tau: jax.Array
+  dt: jax.Array
+  sigma: jax.Array
+  drift_scale: jax.Array
+  kappa: jax.Array
+
+
+def per_step(coeffs: StepCoefficients) -> Step:
+  """The per-step coefficients as scan inputs (``lax.scan(body, init, (per_step(coeffs), ...))``).
+
+  Scanning over them instead of indexing ``coeffs.dt[k]`` with the loop counter removes several small
+  index-normalising gathers per step: 20-30 us per step on XLA:CPU, ~10% of a 2-D sampling step
+  (notes_perf.md).  The arithmetic is unchanged.
+  """
+  return Step(coeffs.tau, coeffs.dt, coeffs.sigma, coeffs.drift_scale, coeffs.kappa)
+
+
+def step_at(coeffs: StepCoefficients, k) -> Step:
+  return Step(coeffs.tau[k], coeffs.dt[k], coeffs.sigma[k], coeffs.drift_scale[k], coeffs.kappa[k])
+
+
+def drift_of(v, x, s: Step):
+  """Drift of a step given the network velocity v = v(x, tau): v + c (v - kappa x)."""
+  return v + s.drift_scale * (v - s.kappa * x)
+
+
 def step_drift(v, x, coeffs: StepCoefficients, k):
   """Drift of step k given the network velocity v = v(x, tau_k): v + c_k (v - kappa_k x)."""
-  return v + coeffs.drift_scale[k] * (v - coeffs.kappa[k] * x)
+  return drift_of(v, x, step_at(coeffs, k))
 
 
 def step_time(coeffs: StepCoefficients, k, batch: int):
@@ -108,23 +139,112 @@ def draw_noise(key, num_steps: int, x_shape, dtype=jnp.float32):
   return jax.random.normal(key, (num_steps,) + tuple(x_shape), dtype)
 
 
+def noise_rows(key, start, length: int, num_steps: int, x_shape, dtype=jnp.float32):
+  """Rows [start, start + length) of ``draw_noise(key, num_steps, x_shape)``, without drawing the rest.
+
+  Bit-identical to slicing the full draw when ``jax_threefry_partitionable`` is on (``am_jax.sharding``
+  turns it on): each element of a partitionable threefry draw is a function of the key and of its
+  linear index only, so the rows are regenerated from their indices (threefry2x32 on the (hi, lo)
+  halves of the 64-bit index, then jax.random's uniform -> normal transform).  ``start`` may be traced.
+  Otherwise (typed or non-threefry keys, dtypes other than float32, >= 2^32 elements) it slices the
+  full draw (same values, O(K B dim) memory).
+  Tested against ``draw_noise`` (tests/test_performance.py): if a future jax changed its sampler,
+  that test fails; the values would still be valid N(0, 1) draws.
+  """
+  x_shape = tuple(x_shape)
+  per_row = math.prod(x_shape)
+  total = num_steps * per_row
+  raw_threefry_key = (getattr(key, "shape", None) == (2,) and jnp.issubdtype(key.dtype, jnp.uint32)
+                      and jax.config.jax_default_prng_impl == "threefry2x32")
+  if (not raw_threefry_key or not jax.config.jax_threefry_partitionable or jnp.dtype(dtype) != jnp.float32
+      or total >= 2**32):
+    return jax.lax.dynamic_slice_in_dim(draw_noise(key, num_steps, x_shape, dtype), start, length)
+  from jax.extend.random import threefry2x32_p  # pylint: disable=g-import-not-at-top
+  k1, k2 = jnp.asarray(key, jnp.uint32)
+  shape = (length,) + x_shape
+  lo = (jnp.asarray(start, jnp.uint32) * jnp.uint32(per_row)
+        + jax.lax.iota(jnp.uint32, length * per_row).reshape(shape))  # linear index < 2^32: hi = 0
+  hi = jnp.zeros(shape, jnp.uint32)
+  bits1, bits2 = threefry2x32_p.bind(k1, k2, hi, lo)
+  bits = bits1 ^ bits2
+  # jax.random.uniform(key, shape, float32, nextafter(-1, 0), 1) then sqrt(2) erfinv (jax.random.normal).
+  floats = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+  minval = jnp.float32(np.nextafter(np.float32(-1.0), np.float32(0.0)))
+  u = jnp.maximum(minval, floats * (jnp.float32(1.0) - minval) + minval)
+  return jnp.float32(np.sqrt(2)) * jax.lax.erf_inv(u)
+
+
 def _check_inputs(x0, noise, coeffs):
   chex.assert_rank(coeffs.t, 1)
   chex.assert_shape(noise, (coeffs.num_steps,) + x0.shape)
   chex.assert_type([x0, noise], float)
 
 
-def _simulate_scan(velocity_fn, x0, noise, coeffs):
-  batch = x0.shape[0]
+def euler(velocity_fn, x, noise_k, s: Step):
+  """One Euler-Maruyama step with coefficients s and the standard normal draw noise_k."""
+  v = velocity_fn(x, jnp.full((x.shape[0],), s.tau, dtype=jnp.float32))
+  return x + s.dt * drift_of(v, x, s) + s.sigma * (noise_k * jnp.sqrt(s.dt))
 
-  def body(x, k):
-    v = velocity_fn(x, step_time(coeffs, k, batch))
-    noise_k = noise[k] * jnp.sqrt(coeffs.dt[k])
-    x_next = x + coeffs.dt[k] * step_drift(v, x, coeffs, k) + coeffs.sigma[k] * noise_k
+
+def euler_step(velocity_fn, x, noise_k, coeffs: StepCoefficients, k):
+  """X_{k+1} from X_k = x: one Euler-Maruyama step with the standard normal draw noise_k (= noise[k])."""
+  return euler(velocity_fn, x, noise_k, step_at(coeffs, k))
+
+
+def _simulate_scan(velocity_fn, x0, noise, coeffs):
+  def body(x, inp):
+    s, noise_k = inp
+    x_next = euler(velocity_fn, x, noise_k, s)
     return x_next, x_next
 
-  _, xs = jax.lax.scan(body, x0, jnp.arange(coeffs.num_steps))
+  _, xs = jax.lax.scan(body, x0, (per_step(coeffs), noise))
   return jnp.concatenate([x0[None], xs], axis=0)
+
+
+def segment_steps(coeffs: StepCoefficients, j, seg_len: int) -> Step:
+  """``per_step(coeffs)`` of steps [j L, (j+1) L)."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, j * seg_len, seg_len), per_step(coeffs))
+
+
+def segment_noise(noise, num_segments: int, num_steps: int):
+  """``noise_segment(j) -> (L, B, ...)`` rows [jL, (j+1)L) of a (K, B, ...) array, or the callable itself."""
+  if callable(noise):
+    return noise
+  seg_len = num_steps // num_segments
+  return lambda j: jax.lax.dynamic_slice_in_dim(noise, j * seg_len, seg_len)
+
+
+def simulate_checkpoints(velocity_fn: Callable, x0, noise, coeffs: StepCoefficients, num_segments: int):
+  """The ``'scan'`` simulation keeping only the states at segment starts (bounded memory).
+
+  The K steps are split into ``num_segments`` segments of L = K / num_segments steps (must divide K).
+  ``noise`` is the (K, B, ...) array of ``draw_noise`` or a function ``noise_segment(j) -> (L, B, ...)``
+  returning its rows [jL, (j+1)L) (e.g. ``noise_rows``: then no (K, B, ...) array is ever held).
+  Returns ``(checkpoints, x_K)``: checkpoints (num_segments, B, ...) holds X_0, X_L, X_2L, ...; x_K is
+  X_1.  Same arithmetic as ``simulate(..., solver='scan')`` (``euler_step``); used with
+  ``adjoint.lean_adjoint_remat``, which recomputes each segment's states during the backward pass.
+  """
+  k_steps = coeffs.num_steps
+  if num_segments < 1 or k_steps % num_segments:
+    raise ValueError(f"num_segments = {num_segments} must be >= 1 and divide the number of steps ({k_steps}).")
+  if not callable(noise):
+    _check_inputs(x0, noise, coeffs)
+  seg_len = k_steps // num_segments
+  noise_segment = segment_noise(noise, num_segments, k_steps)
+
+  def segment(x, j):
+    rows = noise_segment(j)
+    chex.assert_shape(rows, (seg_len,) + x0.shape)
+
+    def body(x, inp):
+      s, noise_k = inp
+      return euler(velocity_fn, x, noise_k, s), None
+
+    x_end, _ = jax.lax.scan(body, x, (segment_steps(coeffs, j, seg_len), rows))
+    return x_end, x
+
+  x_end, checkpoints = jax.lax.scan(segment, x0, jnp.arange(num_segments))
+  return checkpoints, x_end
 
 
 def _nearest_index(ts, t):

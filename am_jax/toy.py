@@ -57,7 +57,11 @@ def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: 
   base_apply = lambda p, x, t: gmm_lib.velocity(p, x, t, config.schedule)  # noqa: E731
   net = models.MLP(gmm.dim, hidden=hidden, zero_init_output=True, rngs=nnx.Rngs(seed))
   net_apply, params = models.functional(net)
+  # config.network_dtype applies to the residual MLP only: the exact mixture base is not a network
+  # and stays float32 (the objective then runs with float32 for the apply_fns it is given).
+  net_apply = models.mixed_precision(net_apply, config.network_dtype)
   ft_apply = models.residual_model(base_apply, gmm, net_apply, config.schedule, parameterisation)
+  objective_config = dataclasses.replace(config, network_dtype="float32")
   opt = optax.adam(learning_rate)
   opt_state = opt.init(params)
 
@@ -65,7 +69,7 @@ def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: 
   def train_step(params, opt_state, key):
     def loss_fn(p):
       return losses.adjoint_matching_objective(ft_apply, p, base_apply, gmm, reward_fn, key,
-                                               (batch_size, gmm.dim), config)
+                                               (batch_size, gmm.dim), objective_config)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, dict(aux, loss=loss)

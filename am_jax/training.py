@@ -117,7 +117,10 @@ def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn
     if residual is None:
       ft_apply = net_apply_fn
     else:
-      ft_apply = models.residual_model(base_apply_fn, base_params, net_apply_fn, config.schedule, residual)
+      # The base inside the residual model is a closure, so cast it here too (config.network_dtype);
+      # the objective casts the apply_fns and params it is given.
+      ft_apply = models.residual_model(models.mixed_precision(base_apply_fn, config.network_dtype), base_params,
+                                       net_apply_fn, config.schedule, residual)
 
     def loss_fn(p):
       return objective(ft_apply, p, base_apply_fn, base_params, reward_fn, k_obj, x_shape, config, cond, mesh=mesh)

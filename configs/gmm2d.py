@@ -38,7 +38,9 @@ def get_config():
   # Adjoint Matching (paper values except loss_clip; BUILD_NOTES.md section 4).
   c.am = dict(reward_multiplier=1.0, num_steps=40, time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=10, random_timestep_fraction=0.75, num_last_timesteps=10,
-              loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless")
+              loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
+              # Memory / precision options (notes_perf.md); the defaults store everything in float32.
+              remat_segments=0, chunk_loss=False, network_dtype="float32")
 
   c.finetune = dict(
       steps=1000, batch_size=256, parameterisation="control", hidden=(64, 64), ema_decay=0.0, log_every=100,

@@ -1,0 +1,366 @@
+"""Shared pieces of the benchmarks: the problem of a config, timers, the network-work floor.
+
+A *problem* is what ``experiments/finetune.py`` builds for a config, with a freshly initialised base
+(no pre-training: timings do not depend on the weights):
+
+* MLP configs (``configs/gmm2d.py``): base MLP ``cfg.model``, residual MLP ``cfg.finetune.hidden``
+  (``cfg.finetune.parameterisation`` 'control' / 'velocity') or the base copy ('full'); the config's reward.
+* U-Net configs (``configs/digits_pretrain.py``): base U-Net on (8, 8, 1), class-conditional with
+  labels drawn per step; fine-tuned = copy of the base ('full') or a zero-initialised residual U-Net of
+  the same architecture ('control' / 'velocity'); reward = mean pixel value (linear, differentiable).
+
+The *floor* of a train step is the network work it cannot avoid, with no solver around it: K forward
+passes of the fine-tuned velocity at batch B (a ``lax.scan`` carrying x <- x + v / K so XLA cannot
+drop or batch them), K VJPs of the base velocity (a reverse ``lax.scan`` carrying the cotangent), and
+value_and_grad of a squared error of the fine-tuned net minus a base forward at M * B points (M loss
+time steps).  Every result is returned, so nothing is dead code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from am_jax import builders, losses, models, rewards, sampling, sharding, training
+from am_jax import adjoint as adjoint_lib
+
+
+class Problem(NamedTuple):
+  cfg: ml_collections.ConfigDict
+  am_config: losses.AMConfig
+  x_shape: tuple
+  net_apply: Callable
+  params: object
+  base_apply: Callable
+  base_params: object
+  residual: Optional[str]
+  reward_fn: Callable
+  cond_fn: Optional[Callable]
+  optimizer: object
+
+  @property
+  def batch(self) -> int:
+    return self.x_shape[0]
+
+  def ft_apply(self, base_params=None):
+    """Fine-tuned velocity ``apply(params, x, t, *cond)`` (base params closed over when residual)."""
+    if self.residual is None:
+      return self.net_apply
+    bp = self.base_params if base_params is None else base_params
+    return models.residual_model(self.base_apply, bp, self.net_apply, self.am_config.schedule, self.residual)
+
+  def num_loss_steps(self) -> int:
+    c = self.am_config
+    return int(losses.select_timesteps(jax.random.PRNGKey(0), c).shape[0])
+
+
+def _build_net(cfg, shape, seed, zero_init_output=False, fast_conv_vjp=True):
+  if cfg.model.kind == "unet" and not fast_conv_vjp:  # JAX's own conv VJPs (for before/after timings)
+    m = cfg.model
+    return models.functional(models.UNet(shape[-1], tuple(m.channels), m.time_embed_dim, m.num_classes,
+                                         zero_init_output, fast_conv_vjp=False, rngs=nnx.Rngs(seed)))
+  return builders.build_model(cfg, shape, seed, zero_init_output=zero_init_output)
+
+
+def build_problem(cfg, batch_size: int = 0, num_steps: int = 0, fast_conv_vjp: bool = True,
+                  **am_overrides) -> Problem:
+  """The fine-tuning problem of ``cfg`` (a configs/*.py ConfigDict); 0 keeps the config's value.
+
+  ``fast_conv_vjp=False`` builds U-Nets with JAX's own convolution VJPs (``models.UNet``);
+  ``am_overrides`` replace AMConfig fields.
+  """
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if batch_size:
+    cfg.finetune.batch_size = int(batch_size)
+  if num_steps:
+    cfg.am.num_steps = int(num_steps)
+  am_config = builders.build_am_config(cfg)
+  if am_overrides:
+    import dataclasses
+    am_config = dataclasses.replace(am_config, **am_overrides)
+  shape = builders.data_shape(cfg)
+  x_shape = (int(cfg.finetune.batch_size),) + tuple(shape)
+  base_apply, base_params = _build_net(cfg, shape, cfg.seed, fast_conv_vjp=fast_conv_vjp)
+  param = cfg.finetune.parameterisation
+  if param == "full":
+    net_apply, params, residual = base_apply, jax.tree.map(jnp.copy, base_params), None
+  elif cfg.model.kind == "mlp":
+    net = models.MLP(shape[0], hidden=tuple(cfg.finetune.hidden), time_embed_dim=cfg.model.time_embed_dim,
+                     zero_init_output=True, rngs=nnx.Rngs(cfg.seed + 1))
+    (net_apply, params), residual = models.functional(net), param
+  else:
+    (net_apply, params), residual = _build_net(cfg, shape, cfg.seed + 1, True, fast_conv_vjp), param
+  if cfg.model.kind == "mlp":
+    reward_fn, _ = builders.build_reward(cfg, shape[0])
+  else:
+    reward_fn = rewards.linear_reward(1.0 / float(np.prod(shape)))  # mean pixel value
+  cond_fn = None
+  if cfg.model.num_classes:
+    n_cls = int(cfg.model.num_classes)
+    cond_fn = lambda key, b: (jax.random.randint(key, (b,), 0, n_cls),)  # noqa: E731
+  optimizer = builders.build_optimizer(cfg, "finetune.optimizer", cfg.finetune.steps)
+  return Problem(cfg, am_config, x_shape, net_apply, params, base_apply, base_params, residual, reward_fn, cond_fn,
+                 optimizer)
+
+
+def make_step(problem: Problem, mesh=None, config: Optional[losses.AMConfig] = None, donate: bool = True):
+  """The jitted fine-tune step of ``experiments/finetune.py`` (``training.make_finetune_step``)."""
+  return training.make_finetune_step(problem.net_apply, problem.base_apply, problem.reward_fn,
+                                     config or problem.am_config, problem.optimizer, problem.x_shape, mesh,
+                                     float(problem.cfg.finetune.ema_decay), cond_fn=problem.cond_fn,
+                                     residual=problem.residual, donate=donate)
+
+
+def init_state(problem: Problem, mesh=None):
+  state = training.init_state(problem.params, problem.optimizer, problem.cfg.seed)
+  if mesh is not None:
+    return sharding.replicate_tree(state, mesh), sharding.replicate_tree(problem.base_params, mesh)
+  return state, jax.tree.map(jnp.asarray, problem.base_params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def compile_timed(jitted, *args):
+  """(compiled, seconds of lower + compile)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def median_time(run: Callable, warm: int = 3, iters: int = 20) -> dict:
+  """Median / min / max seconds of ``run()`` (blocked) after ``warm`` untimed calls."""
+  for _ in range(warm):
+    jax.block_until_ready(run())
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    ts.append(time.perf_counter() - t0)
+  return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "iters": iters}
+
+
+def interleaved(runs: dict, rounds: int = 5, iters: int = 10, warm: int = 2) -> dict:
+  """Median seconds of each ``runs[name]()``, measured in interleaved rounds (robust on a shared machine).
+
+  Every round times each function ``iters`` times (after ``warm`` calls in the first round); the result
+  per name is the median of the round medians, with the spread of the round medians.
+  """
+  per = {name: [] for name in runs}
+  for r in range(rounds):
+    for name, run in runs.items():
+      per[name].append(median_time(run, warm if r == 0 else 0, iters)["median_s"])
+  return {name: {"median_s": statistics.median(v), "round_medians_s": v, "rounds": rounds, "iters": iters}
+          for name, v in per.items()}
+
+
+def step_runner(step, state, base_params):
+  """(run, compile_s, compiled): ``run()`` advances a donating ``step(state, base_params)`` by one step."""
+  compiled, t_compile = compile_timed(step, state, base_params)
+  holder = [state]
+
+  def run():
+    holder[0], m = compiled(holder[0], base_params)
+    return m["loss"]
+
+  return run, t_compile, compiled
+
+
+def time_train_step(step, state, base_params, warm: int = 3, iters: int = 20) -> dict:
+  """Compile time + median warm step time of a (donating) ``step(state, base_params)``."""
+  run, t_compile, compiled = step_runner(step, state, base_params)
+  out = median_time(run, warm, iters)
+  out["compile_s"] = t_compile
+  out["memory"] = memory_stats(compiled)
+  return out
+
+
+def memory_stats(compiled) -> dict:
+  """Bytes from XLA's memory analysis of a compiled executable.
+
+  ``total_bytes`` = temp + arguments + outputs - aliased (donated) bytes: the live-memory bound of one
+  call, used as "peak memory" in the benchmarks.  (``peak_memory_in_bytes`` is also recorded as
+  ``xla_peak_bytes``, but on XLA:CPU it can be smaller than the temporaries.)
+  """
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    return {}
+  if ma is None:
+    return {}
+  out = {k: int(getattr(ma, k)) for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                                          "alias_size_in_bytes") if hasattr(ma, k)}
+  out["total_bytes"] = (out.get("temp_size_in_bytes", 0) + out.get("argument_size_in_bytes", 0)
+                        + out.get("output_size_in_bytes", 0) - out.get("alias_size_in_bytes", 0))
+  peak = getattr(ma, "peak_memory_in_bytes", None)
+  if peak is not None:
+    out["xla_peak_bytes"] = int(peak)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces of one step, jitted separately with the step's shapes
+
+
+def make_pieces(problem: Problem, config: Optional[losses.AMConfig] = None):
+  """Jitted (sample, adjoint, loss_update) with exactly the work of the corresponding step parts.
+
+  sample(params, base_params, key, cond) -> traj; adjoint(traj, base_params, cond) -> (adj, rewards);
+  loss_update(state, base_params, traj, adj, rewards, key, cond) -> (state, loss).
+  """
+  config = config or problem.am_config
+  coeffs = config.coefficients()
+  x_shape = problem.x_shape
+
+  def sample(params, base_params, key, cond):
+    ft = problem.ft_apply(base_params)
+    k0, kn = jax.random.split(key)
+    x0 = jax.random.normal(k0, x_shape, jnp.float32)
+    noise = sampling.draw_noise(kn, config.num_steps, x_shape)
+    return sampling.simulate(lambda x, t: ft(params, x, t, *cond), x0, noise, coeffs, config.solver)
+
+  def adjoint(traj, base_params, cond):
+    a1, r = adjoint_lib.terminal_adjoint(problem.reward_fn, traj[-1], config.reward_multiplier, cond)
+    adj = adjoint_lib.lean_adjoint(lambda x, t: problem.base_apply(base_params, x, t, *cond), traj, a1, coeffs,
+                                   config.solver)
+    return adj, r
+
+  def loss_update(state, base_params, traj, adj, rew, key, cond):
+    ft = problem.ft_apply(base_params)
+    batch = losses.AMBatch(traj, adj, rew)
+
+    def loss_fn(p):
+      return losses.adjoint_matching_loss(ft, p, problem.base_apply, base_params, batch, key, config, cond)
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return training._apply_update(state, grads, problem.optimizer, float(problem.cfg.finetune.ema_decay)), loss
+
+  return jax.jit(sample), jax.jit(adjoint), jax.jit(loss_update)
+
+
+def piece_runners(problem: Problem, state, base_params, config=None) -> dict:
+  """{'sample', 'adjoint', 'loss_update'} -> zero-argument runners of the compiled pieces."""
+  sample, adjoint, loss_update = make_pieces(problem, config)
+  key = jax.random.PRNGKey(1)
+  cond = problem.cond_fn(jax.random.PRNGKey(2), problem.batch) if problem.cond_fn else ()
+  traj = sample(state.params, base_params, key, cond)
+  adj, rew = adjoint(traj, base_params, cond)
+  return {"sample": lambda: sample(state.params, base_params, key, cond),
+          "adjoint": lambda: adjoint(traj, base_params, cond),
+          "loss_update": lambda: loss_update(state, base_params, traj, adj, rew, key, cond)[1]}
+
+
+def time_pieces(problem: Problem, state, base_params, config=None, warm: int = 3, iters: int = 20) -> dict:
+  return {k: median_time(r, warm, iters) for k, r in piece_runners(problem, state, base_params, config).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The floor
+
+
+def make_floor(problem: Problem, num_steps: Optional[int] = None, num_loss_steps: Optional[int] = None,
+               parts=("forward", "vjp", "loss")):
+  """Jitted ``floor(params, base_params, x0, cond) -> outputs``: the network work of one step, no solver.
+
+  parts: any of 'forward' (K fine-tuned forwards at batch B), 'vjp' (K base VJPs at batch B; needs the
+  forward states, so without 'forward' they are fed x0 each step) and 'loss' (fine-tuned
+  value_and_grad + base forward at M * B points).
+  """
+  k_steps = num_steps or problem.am_config.num_steps
+  m = num_loss_steps or problem.num_loss_steps()
+  b = problem.batch
+  ts = jnp.linspace(0.5 / k_steps, 1.0 - 0.5 / k_steps, k_steps, dtype=jnp.float32)
+  h = 1.0 / k_steps
+
+  def floor(params, base_params, x0, cond):
+    ft = problem.ft_apply(base_params)
+    outs = {}
+    if "forward" in parts:
+      def fwd(x, t):
+        x = x + h * ft(params, x, jnp.full((b,), t), *cond)
+        return x, x
+
+      x_end, xs = jax.lax.scan(fwd, x0, ts)
+      outs["x_end"] = x_end
+    else:
+      xs = jnp.broadcast_to(x0, (k_steps,) + x0.shape)
+    if "vjp" in parts:
+      def bwd(a, inp):
+        x, t = inp
+        _, vjp = jax.vjp(lambda y: problem.base_apply(base_params, y, jnp.full((b,), t), *cond), x)
+        a = a + h * vjp(a)[0]
+        return a, a
+
+      a0, adj = jax.lax.scan(bwd, xs[-1], (xs, ts), reverse=True)
+      outs["a0"] = a0
+    else:
+      adj = xs
+    if "loss" in parts:
+      idx = (jnp.arange(m) * k_steps) // m
+      xl = xs[idx].reshape((m * b,) + x0.shape[1:])
+      al = adj[idx].reshape((m * b,) + x0.shape[1:])
+      tl = jnp.repeat(ts[idx], b)
+      cond_m = tuple(jnp.concatenate([c] * m) for c in cond)
+
+      def loss(p):
+        v = ft(p, xl, tl, *cond_m) - jax.lax.stop_gradient(problem.base_apply(base_params, xl, tl, *cond_m))
+        return jnp.mean((v + al) ** 2)
+
+      outs["loss"], outs["grads"] = jax.value_and_grad(loss)(params)
+    return outs
+
+  return jax.jit(floor)
+
+
+def floor_runner(problem: Problem, params, base_params, **kw):
+  """(run, compile_s) of the floor (``make_floor`` keyword arguments)."""
+  floor = make_floor(problem, **kw)
+  x0 = jax.random.normal(jax.random.PRNGKey(3), problem.x_shape, jnp.float32)
+  cond = problem.cond_fn(jax.random.PRNGKey(2), problem.batch) if problem.cond_fn else ()
+  compiled, t_compile = compile_timed(floor, params, base_params, x0, cond)
+  return (lambda: compiled(params, base_params, x0, cond)), t_compile
+
+
+def time_floor(problem: Problem, params, base_params, warm: int = 3, iters: int = 20, **kw) -> dict:
+  run, t_compile = floor_runner(problem, params, base_params, **kw)
+  out = median_time(run, warm, iters)
+  out["compile_s"] = t_compile
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def machine_info() -> dict:
+  return {"date": "2026-11-25", "machine": "2-core CPU, shared", "cpu_count": os.cpu_count(),
+          "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+          "python": platform.python_version()}
+
+
+def load_config(path: str):
+  """A configs/*.py file's get_config() (for scripts that do not use absl config flags)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def write_json(path: str, obj: dict):
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=float)
+  print(f"wrote {path}")

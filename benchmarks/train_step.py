@@ -1,0 +1,118 @@
+r"""Times one Adjoint Matching fine-tune step against the floor of its network work.
+
+    python -m benchmarks.train_step --config=configs/gmm2d.py --out=runs/bench/train_step_gmm2d.json
+    python -m benchmarks.train_step --config=configs/digits_pretrain.py \
+        --config.finetune.parameterisation=full --config.finetune.batch_size=64 --out=...
+
+Builds the step of ``experiments/finetune.py`` (``am_jax.training.make_finetune_step``: one jit, shardings,
+donation) on a freshly initialised base, and reports (printed and written as JSON):
+
+* ``compile_s``: lower + compile of the step; ``step``: median warm step time;
+* ``pieces``: sampling / adjoint (terminal + lean) / loss + update, each jitted separately with the
+  step's shapes (their sum differs from the step by what XLA fuses across the boundaries);
+* ``floor``: a jitted function with only the network work (``benchmarks.common.make_floor``) and
+  ``step_over_floor``;
+* per solver in ``--solvers`` (default scan and diffrax), and the compiled memory analysis.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from am_jax import sharding
+from benchmarks import common
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "configs/*.py file (overrides with --config.a.b=v).",
+                                lock_config=False)
+flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
+flags.DEFINE_list("solvers", ["scan", "diffrax"], "Solvers to time.")
+flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (the median of the round medians is reported).")
+flags.DEFINE_integer("iters", 10, "Timed calls per function and round.")
+flags.DEFINE_integer("num_devices", 1, "Devices in the data mesh (-1: all).")
+flags.DEFINE_bool("pieces", True, "Also time sampling / adjoint / loss+update and the floor of each separately.")
+flags.DEFINE_string("network_dtype", "", "Override AMConfig.network_dtype ('float32' / 'bfloat16').")
+flags.DEFINE_integer("remat_segments", -1, "Override AMConfig.remat_segments (-1: config value).")
+flags.DEFINE_bool("chunk_loss", None, "Override AMConfig.chunk_loss.")
+flags.DEFINE_bool("fast_conv_vjp", True, "U-Net convolutions with models.conv_general_dilated_fast_vjp "
+                  "(False: JAX's own VJPs, the 'before' of notes_perf.md).")
+
+
+def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pieces=True, overrides=None) -> dict:
+  """Builds, compiles and times everything; returns the JSON-able results."""
+  overrides = dict(overrides or {})
+  problem = common.build_problem(cfg, **overrides)
+  mesh = sharding.make_mesh(num_devices)
+  out = {"machine": common.machine_info(), "config": {
+      "model": problem.cfg.model.to_dict(), "parameterisation": problem.cfg.finetune.parameterisation,
+      "x_shape": list(problem.x_shape), "num_steps": problem.am_config.num_steps,
+      "num_loss_steps": problem.num_loss_steps(), "devices": num_devices,
+      "fast_conv_vjp": overrides.get("fast_conv_vjp", True),
+      "am": {k: str(v) for k, v in dataclasses.asdict(problem.am_config).items() if k != "schedule"}}}
+  base_local = jax.tree.map(jax.numpy.asarray, problem.base_params)
+  runs, compile_s, memory = {}, {}, {}
+  runs["floor"], compile_s["floor"] = common.floor_runner(problem, problem.params, base_local)
+  if pieces:  # the floor of each piece: forwards (sampling), VJPs (adjoint), loss value_and_grad
+    for name, part in (("sample", "forward"), ("adjoint", "vjp"), ("loss_update", "loss")):
+      runs[f"floor/{name}"], compile_s[f"floor/{name}"] = common.floor_runner(problem, problem.params, base_local,
+                                                                              parts=(part,))
+  for solver in solvers:
+    config = dataclasses.replace(problem.am_config, solver=solver)
+    state, base_params = common.init_state(problem, mesh)
+    runs[f"{solver}/step"], compile_s[f"{solver}/step"], compiled = common.step_runner(
+        common.make_step(problem, mesh, config), state, base_params)
+    memory[solver] = common.memory_stats(compiled)
+    if pieces:
+      state_l, _ = common.init_state(problem, None)
+      for name, r in common.piece_runners(problem, state_l, base_local, config).items():
+        if name == "loss_update" and "loss_update" in runs:
+          continue  # does not depend on the solver
+        runs[f"{solver}/{name}" if name != "loss_update" else name] = r
+  print(f"compiled {len(runs)} functions; timing {rounds} interleaved rounds x {iters} calls", flush=True)
+  times = common.interleaved(runs, rounds, iters)
+  med = {k: v["median_s"] for k, v in times.items()}
+  out["times"] = times
+  out["compile_s"] = compile_s
+  out["memory"] = memory
+  out["floor_s"] = med["floor"]
+  print(f"floor {1e3 * med['floor']:.2f} ms" + ("  (parts: " + ", ".join(
+      f"{k.split('/')[1]} {1e3 * v:.2f}" for k, v in med.items() if k.startswith("floor/")) + ")" if pieces else ""))
+  for solver in solvers:
+    step_s = med[f"{solver}/step"]
+    res = {"step_s": step_s, "compile_s": compile_s[f"{solver}/step"], "step_over_floor": step_s / med["floor"],
+           "samples_per_s": problem.batch / step_s}
+    if pieces:
+      res["pieces_s"] = {"sample": med[f"{solver}/sample"], "adjoint": med[f"{solver}/adjoint"],
+                         "loss_update": med["loss_update"]}
+      res["pieces_over_floor"] = {k: v / med[f"floor/{k}"] for k, v in res["pieces_s"].items()}
+    out[solver] = res
+    line = (f"{solver:8s} step {1e3 * step_s:8.2f} ms  compile {res['compile_s']:5.1f} s  "
+            f"step/floor {res['step_over_floor']:.3f}")
+    if pieces:
+      line += "  pieces " + " ".join(f"{k} {1e3 * v:.2f} ({res['pieces_over_floor'][k]:.2f}x)"
+                                     for k, v in res["pieces_s"].items())
+    print(line, flush=True)
+  return out
+
+
+def main(argv):
+  del argv
+  overrides = {}
+  if FLAGS.network_dtype:
+    overrides["network_dtype"] = FLAGS.network_dtype
+  if FLAGS.remat_segments >= 0:
+    overrides["remat_segments"] = FLAGS.remat_segments
+  if FLAGS.chunk_loss is not None:
+    overrides["chunk_loss"] = FLAGS.chunk_loss
+  if not FLAGS.fast_conv_vjp:
+    overrides["fast_conv_vjp"] = False
+  out = run(FLAGS.config, FLAGS.solvers, FLAGS.rounds, FLAGS.iters, FLAGS.num_devices, FLAGS.pieces, overrides)
+  common.write_json(FLAGS.out, out)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
