@@ -52,11 +52,20 @@ class Problem(NamedTuple):
     return self.x_shape[0]
 
   def ft_apply(self, base_params=None):
-    """Fine-tuned velocity ``apply(params, x, t, *cond)`` (base params closed over when residual)."""
+    """Fine-tuned velocity ``apply(params, x, t, *cond)`` (base params closed over when residual).
+
+    Evaluated in ``am_config.network_dtype`` like the train step does (``models.mixed_precision``).
+    """
+    dtype = self.am_config.network_dtype
     if self.residual is None:
-      return self.net_apply
+      return models.mixed_precision(self.net_apply, dtype)
     bp = self.base_params if base_params is None else base_params
-    return models.residual_model(self.base_apply, bp, self.net_apply, self.am_config.schedule, self.residual)
+    return models.mixed_precision(models.residual_model(models.mixed_precision(self.base_apply, dtype), bp,
+                                                        self.net_apply, self.am_config.schedule, self.residual), dtype)
+
+  def base_net(self):
+    """The base velocity ``apply(base_params, x, t, *cond)`` in ``am_config.network_dtype``."""
+    return models.mixed_precision(self.base_apply, self.am_config.network_dtype)
 
   def num_loss_steps(self) -> int:
     c = self.am_config
@@ -231,7 +240,7 @@ def make_pieces(problem: Problem, config: Optional[losses.AMConfig] = None):
 
   def adjoint(traj, base_params, cond):
     a1, r = adjoint_lib.terminal_adjoint(problem.reward_fn, traj[-1], config.reward_multiplier, cond)
-    adj = adjoint_lib.lean_adjoint(lambda x, t: problem.base_apply(base_params, x, t, *cond), traj, a1, coeffs,
+    adj = adjoint_lib.lean_adjoint(lambda x, t: problem.base_net()(base_params, x, t, *cond), traj, a1, coeffs,
                                    config.solver)
     return adj, r
 
@@ -240,7 +249,7 @@ def make_pieces(problem: Problem, config: Optional[losses.AMConfig] = None):
     batch = losses.AMBatch(traj, adj, rew)
 
     def loss_fn(p):
-      return losses.adjoint_matching_loss(ft, p, problem.base_apply, base_params, batch, key, config, cond)
+      return losses.adjoint_matching_loss(ft, p, problem.base_net(), base_params, batch, key, config, cond)
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return training._apply_update(state, grads, problem.optimizer, float(problem.cfg.finetune.ema_decay)), loss
@@ -297,7 +306,7 @@ def make_floor(problem: Problem, num_steps: Optional[int] = None, num_loss_steps
     if "vjp" in parts:
       def bwd(a, inp):
         x, t = inp
-        _, vjp = jax.vjp(lambda y: problem.base_apply(base_params, y, jnp.full((b,), t), *cond), x)
+        _, vjp = jax.vjp(lambda y: problem.base_net()(base_params, y, jnp.full((b,), t), *cond), x)
         a = a + h * vjp(a)[0]
         return a, a
 
@@ -313,7 +322,7 @@ def make_floor(problem: Problem, num_steps: Optional[int] = None, num_loss_steps
       cond_m = tuple(jnp.concatenate([c] * m) for c in cond)
 
       def loss(p):
-        v = ft(p, xl, tl, *cond_m) - jax.lax.stop_gradient(problem.base_apply(base_params, xl, tl, *cond_m))
+        v = ft(p, xl, tl, *cond_m) - jax.lax.stop_gradient(problem.base_net()(base_params, xl, tl, *cond_m))
         return jnp.mean((v + al) ** 2)
 
       outs["loss"], outs["grads"] = jax.value_and_grad(loss)(params)
