@@ -62,7 +62,7 @@ class AMConfig:
   # Diffusion used to sample the fine-tuning trajectories.  Must be 'memoryless' to reach the
   # tilted distribution (Thm. 1); other values exist to reproduce the bias of paper Fig. 2.
   diffusion: object = "memoryless"
-  # Memory (benchmarks/results/).  remat_segments = S > 0: ``adjoint_matching_objective`` keeps only S
+  # Memory (BUILD_NOTES.md section 12).  remat_segments = S > 0: ``adjoint_matching_objective`` keeps only S
   # segment-start states of the trajectory (S must divide num_steps) and recomputes each segment during
   # the backward adjoint, keeping only the states/adjoints of the loss time steps: O((S + K/S + M) B dim)
   # instead of O(K B dim), for K more forward passes of the fine-tuned model.  0 = off (store everything).

@@ -110,7 +110,7 @@ def per_step(coeffs: StepCoefficients) -> Step:
 
   Scanning over them instead of indexing ``coeffs.dt[k]`` with the loop counter removes several small
   index-normalising gathers per step: 20-30 us per step on XLA:CPU, ~10% of a 2-D sampling step
-  (benchmarks/results/).  The arithmetic is unchanged.
+  (BUILD_NOTES.md section 12).  The arithmetic is unchanged.
   """
   return Step(coeffs.tau, coeffs.dt, coeffs.sigma, coeffs.drift_scale, coeffs.kappa)
 

@@ -39,8 +39,7 @@ flags.DEFINE_bool("skip_devices", False, "Skip the device sweep.")
 
 
 def _time_grid(cfg, points, rounds, iters):
-  """points: list of (K, B, num_devices) -> {point: result}."""
-  import jax
+  """points: list of (K, B, num_devices); num_devices 0 = no mesh.  Returns one row per point."""
   from am_jax import sharding
   from benchmarks import common
   runs, info = {}, {}
@@ -57,7 +56,6 @@ def _time_grid(cfg, points, rounds, iters):
   for (k, b, n), t in times.items():
     rows.append({"K": k, "B": b, "devices": n or 1, "step_s": t["median_s"], "round_medians_s": t["round_medians_s"],
                  "samples_per_s": b / t["median_s"], "steps_per_s": 1.0 / t["median_s"], **info[(k, b, n)]})
-  del jax
   return rows
 
 

@@ -39,7 +39,7 @@ def get_config():
   c.am = dict(reward_multiplier=1.0, num_steps=40, time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=10, random_timestep_fraction=0.75, num_last_timesteps=10,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
-              # Memory / precision options (notes_perf.md); the defaults store everything in float32.
+              # Memory / precision options (BUILD_NOTES.md section 12); the defaults store everything in float32.
               remat_segments=0, chunk_loss=False, network_dtype="float32")
 
   c.finetune = dict(

@@ -1,6 +1,6 @@
 """Issue 6 (performance): bounded-memory options, mixed precision, the fast conv VJP, no recompilation.
 
-The measurements themselves live in ``benchmarks/`` and ``benchmarks/results/``; these tests check that the
+The measurements themselves live in ``benchmarks/`` and ``BUILD_NOTES.md section 12``; these tests check that the
 faster / leaner paths compute the same thing as the default path, and that the step compiles once.
 """
 import dataclasses
