@@ -61,6 +61,7 @@ from am_jax.losses import adjoint_matching_objective  # noqa: F401  (re-export: 
 
 REGULARISERS = ("kl", "kinetic", "power")
 EAM_SOLVERS = ("euler", "midpoint")
+EAM_WEIGHTS = ("auto", "exact", "hutchinson", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,15 @@ class MethodConfig:
     eam_ref_std: s: the linear reference base is the memoryless process of N(0, s^2 I).
     eam_score_time: t_s < 1 at which the base data score grad log p_base is read off the velocity.
     eam_time_range: EAM regression times are uniform in this interval.
+    eam_weights: self-normalised importance weights p_base e^r / p_n on the terminal samples (what makes EAM
+      move mass between modes; BUILD_NOTES.md section 8.7g).  log(p_base / p_n)(X_1) is integrated along the
+      sampler's ODE path with the divergence of v_ft - v_base computed 'exact'ly (dim VJPs per evaluation) or
+      by a one-probe 'hutchinson' estimate; 'auto' = exact for dim <= 16, else hutchinson; 'none' = the
+      unweighted regression (correct fixed point, but mode weights are neutral).
+    eam_time_power: p >= 1: the midpoint sampler's grid is t_k = (k / n)^p (p > 1 refines early times, where
+      the control of a memoryless fine-tune (sigma ~ t^(-1/2)) makes the velocity stiff).
+    eam_max_log_weight: log-weights are clipped to (max - this) from below after centring at their maximum
+      (a guard against a single sample taking all the weight; 0 disables clipping).
   """
 
   am: losses.AMConfig = dataclasses.field(default_factory=losses.AMConfig)
@@ -107,6 +117,9 @@ class MethodConfig:
   eam_ref_std: float = 1.0
   eam_score_time: float = 0.999
   eam_time_range: tuple = (1e-3, 1.0 - 1e-3)
+  eam_weights: str = "auto"
+  eam_time_power: float = 2.0
+  eam_max_log_weight: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.am, losses.AMConfig):
@@ -131,6 +144,12 @@ class MethodConfig:
     lo, hi = self.eam_time_range
     if not 0.0 < lo < hi < 1.0:
       raise ValueError(f"MethodConfig.eam_time_range must satisfy 0 < lo < hi < 1, got {self.eam_time_range}.")
+    if self.eam_weights not in EAM_WEIGHTS:
+      raise ValueError(f"MethodConfig.eam_weights must be one of {EAM_WEIGHTS}, got {self.eam_weights!r}.")
+    if self.eam_time_power < 1:
+      raise ValueError(f"MethodConfig.eam_time_power must be >= 1, got {self.eam_time_power}.")
+    if self.eam_max_log_weight < 0:
+      raise ValueError(f"MethodConfig.eam_max_log_weight must be >= 0, got {self.eam_max_log_weight}.")
 
   @property
   def schedule(self) -> schedules_lib.Schedule:
@@ -474,24 +493,125 @@ def base_data_score(base_velocity_fn: Callable, x, schedule, score_time: float):
   return _bcast(a, x) * dynamics.velocity_to_score(base_velocity_fn(y, t), y, t, schedule)
 
 
+def _midpoint_grid(cfg: MethodConfig):
+  """Nodes t_k = (k / n)^p, step sizes and midpoints of EAM's midpoint sampler; times clipped to
+  [1e-4, 1 - 1e-4] for evaluation (some parameterisations, e.g. VP epsilon, are 0/0 at t = 0 or 1)."""
+  n = cfg.eam_ode_steps
+  nodes = (jnp.arange(n + 1, dtype=jnp.float32) / n) ** cfg.eam_time_power
+  h = nodes[1:] - nodes[:-1]
+  clip = lambda t: jnp.clip(t, 1e-4, 1.0 - 1e-4)  # noqa: E731
+  return clip(nodes[:-1]), h, clip(nodes[:-1] + 0.5 * h)
+
+
 def _ode_sample(velocity_fn, x0, cfg: MethodConfig):
   """Few-step deterministic sampler for EAM (no noise): Euler at mid-step times, or explicit midpoint."""
   n = cfg.eam_ode_steps
   if cfg.eam_ode_solver == "euler":
     coeffs = _ode_coefficients(cfg, n)
     return sampling.simulate(velocity_fn, x0, jnp.zeros((n,) + x0.shape, x0.dtype), coeffs)[-1]
-  h = 1.0 / n
   batch = x0.shape[0]
 
-  def body(x, k):
-    # Velocities are read at t in [1e-4, 1 - 1e-4]: some parameterisations (VP epsilon) are 0/0 at t = 0 or 1.
-    t0 = jnp.full((batch,), jnp.clip(k * h, 1e-4, 1.0 - 1e-4), jnp.float32)
-    tm = jnp.full((batch,), jnp.clip((k + 0.5) * h, 1e-4, 1.0 - 1e-4), jnp.float32)
-    x_mid = x + 0.5 * h * velocity_fn(x, t0)
-    return x + h * velocity_fn(x_mid, tm), None
+  def body(x, xs):
+    t0, h, tm = (jnp.full((batch,), c, jnp.float32) for c in xs)
+    x_mid = x + 0.5 * _bcast(h, x) * velocity_fn(x, t0)
+    return x + _bcast(h, x) * velocity_fn(x_mid, tm), None
 
-  x1, _ = jax.lax.scan(body, x0, jnp.arange(n))
+  x1, _ = jax.lax.scan(body, x0, _midpoint_grid(cfg))
   return x1
+
+
+def eam_weight_mode(cfg: MethodConfig, x_shape) -> str:
+  """Resolves ``eam_weights='auto'``: exact divergence up to 16 dimensions per sample, Hutchinson above."""
+  if cfg.eam_weights != "auto":
+    return cfg.eam_weights
+  return "exact" if math.prod(tuple(x_shape)[1:]) <= 16 else "hutchinson"
+
+
+def log_ratio_rate(ft_velocity_fn: Callable, base_velocity_fn: Callable, x, t, schedule, mode: str, key=None):
+  """Rate of log(p_base / p_n) along the fine-tuned ODE path, and v_ft.
+
+  Along dX/dt = v_ft, the continuity equations of both probability flows give
+      d/dt log p_n(X_t, t)    = -div v_ft,
+      d/dt log p_base(X_t, t) = -div v_base + s_base(X_t, t) . (v_ft - v_base),
+  so with dv = v_ft - v_base:   d/dt log(p_base / p_n)(X_t, t) = div dv + s_base . dv,
+  s_base = (v_base - kappa x) / eta (``dynamics.velocity_to_score``).  Both processes start at N(0, I), so the
+  integral over [0, 1] is log(p_base / p_n)(X_1) for the law p_n of the model's ODE samples.
+
+  The divergence uses VJPs only (the U-Net's custom-VJP convolutions have no JVP): 'exact' = dim VJPs
+  (diagonal of the Jacobian), 'hutchinson' = z . (J^T z) with one Rademacher probe z (unbiased).
+
+  Args:
+    x: (B, ...) states; t: (B,) times in (0, 1).  Returns (rate (B,), v_ft (B, ...)).
+  """
+  def dv_fn(y):
+    vb = base_velocity_fn(y, t)
+    return ft_velocity_fn(y, t) - vb, vb
+
+  dv, vjp_fn, v_base = jax.vjp(dv_fn, x, has_aux=True)
+  flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+  if mode == "exact":
+    dim = math.prod(x.shape[1:])
+    basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])
+
+    def diag_entry(e):
+      ct = jnp.broadcast_to(e, x.shape)
+      return jnp.sum(flat(vjp_fn(ct)[0] * ct), axis=-1)
+
+    div = jnp.sum(jax.vmap(diag_entry)(basis), axis=0)
+  elif mode == "hutchinson":
+    z = jax.random.rademacher(key, x.shape, x.dtype)
+    div = jnp.sum(flat(vjp_fn(z)[0] * z), axis=-1)
+  else:
+    raise ValueError(f"log_ratio_rate: mode must be 'exact' or 'hutchinson', got {mode!r}.")
+  score = dynamics.velocity_to_score(v_base, x, t, schedule)
+  return div + jnp.sum(flat(score * dv), axis=-1), dv + v_base
+
+
+def ode_sample_with_log_ratio(ft_velocity_fn: Callable, base_velocity_fn: Callable, x0, cfg: MethodConfig, key,
+                              mode: str):
+  """EAM's few-step ODE sampler, also integrating log(p_base / p_n)(X_1) (``log_ratio_rate``).
+
+  Same grid and update as ``_ode_sample`` (Euler at the ODE grid's evaluation times, or explicit midpoint);
+  the log-ratio is integrated with the same rule (rate at the evaluation / midpoint state).
+
+  Returns:
+    (x1 (B, ...), log_ratio (B,)).
+  """
+  n, batch = cfg.eam_ode_steps, x0.shape[0]
+  keys = jax.random.split(key, n)
+  schedule = cfg.schedule
+  if cfg.eam_ode_solver == "euler":
+    coeffs = _ode_coefficients(cfg, n)
+
+    def body(carry, xs):
+      x, ell = carry
+      tau, dt, k = xs
+      t = jnp.full((batch,), tau, jnp.float32)
+      rate, v = log_ratio_rate(ft_velocity_fn, base_velocity_fn, x, t, schedule, mode, k)
+      return (x + dt * v, ell + dt * rate), None
+
+    (x1, ell), _ = jax.lax.scan(body, (x0, jnp.zeros((batch,), jnp.float32)), (coeffs.tau, coeffs.dt, keys))
+    return x1, ell
+
+  def body(carry, xs):
+    x, ell = carry
+    grid, key_k = xs
+    t0, h, tm = (jnp.full((batch,), c, jnp.float32) for c in grid)
+    x_mid = x + 0.5 * _bcast(h, x) * ft_velocity_fn(x, t0)
+    rate, v = log_ratio_rate(ft_velocity_fn, base_velocity_fn, x_mid, tm, schedule, mode, key_k)
+    return (x + _bcast(h, x) * v, ell + h * rate), None
+
+  (x1, ell), _ = jax.lax.scan(body, (x0, jnp.zeros((batch,), jnp.float32)), (_midpoint_grid(cfg), keys))
+  return x1, ell
+
+
+def self_normalised_weights(log_w, max_log_weight: float = 0.0):
+  """(B,) log-weights -> (B,) weights with mean 1 (softmax * B), and the effective sample size fraction."""
+  log_w = log_w - jnp.max(log_w)
+  if max_log_weight > 0:
+    log_w = jnp.maximum(log_w, -max_log_weight)
+  p = jax.nn.softmax(log_w)
+  return p * log_w.shape[0], 1.0 / (jnp.sum(p**2) * log_w.shape[0])
 
 
 def eam_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, key, x_shape, config, cond=()):
@@ -517,19 +637,38 @@ def eam_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn,
   target-score identity s_t(x) = E[grad log p*(X_1) | X_t = x] / alpha_t rewritten (BUILD_NOTES.md section 8).
   grad log p_base is read off the base velocity at t_s = ``eam_score_time`` (``base_data_score``).
 
-  Limitation (derived and measured in BUILD_NOTES.md section 8): with samples X_1 ~ p_n of the current model the
-  regression returns v_{p_n} + eta Phi E[grad log(p* / p_n)(X_1) | X_t], i.e. it rebuilds the model's own velocity
-  plus a correction that vanishes where log(p* / p_n) is flat.  Relative weights of well-separated modes
-  are therefore (nearly) neutral: on ``gmm.bimodal_1d`` EAM keeps whatever mode masses it has (0.63 vs 0.88).
+  Importance weights (``eam_weights``; BUILD_NOTES.md section 8.7f-g).  Unweighted, with samples X_1 ~ p_n of the
+  current model, the regression returns v_{p_n} + eta Phi E[grad log(p* / p_n)(X_1) | X_t]: it rebuilds the
+  model's own velocity plus a correction that vanishes where log(p* / p_n) is flat, so the relative weights of
+  well-separated modes are (nearly) neutral (on ``gmm.bimodal_1d`` it keeps mass 0.63 vs 0.88).  Weighting each
+  terminal sample by w oc p*(X_1) / p_n(X_1) = e^{lambda r(X_1)} p_base(X_1) / p_n(X_1) (self-normalised over the
+  batch) turns the pairs (X_t, X_1) into samples of P*'s, so the regression target is v* at every step.
+  log(p_base / p_n)(X_1) is integrated along the sampler's ODE path (``log_ratio_rate``): one base forward and
+  the divergence of v_ft - v_base per evaluation, still no backward simulation.
+
+  aux: loss, reward_mean, reward_std, target_norm, eam_ess (effective sample size / batch), log_ratio_mean.
   """
   cfg = as_method_config(config)
   schedule, s = cfg.schedule, cfg.eam_ref_std
   k0, kt, kz = jax.random.split(key, 3)
+  kh = jax.random.fold_in(key, 7)
   x0 = jax.random.normal(k0, tuple(x_shape), jnp.float32)
   ft_sg = jax.lax.stop_gradient(ft_params)
-  x1 = jax.lax.stop_gradient(_ode_sample(lambda x, t: ft_apply_fn(ft_sg, x, t, *cond), x0, cfg))
-  neg_grad_r, rewards = adjoint_lib.terminal_adjoint(reward_fn, x1, cfg.lam, cond)
+  ft_v = lambda x, t: ft_apply_fn(ft_sg, x, t, *cond)  # noqa: E731
   base_v = lambda x, t: base_apply_fn(jax.lax.stop_gradient(base_params), x, t, *cond)  # noqa: E731
+  mode = eam_weight_mode(cfg, x_shape)
+  if mode == "none":
+    x1 = jax.lax.stop_gradient(_ode_sample(ft_v, x0, cfg))
+    log_ratio = jnp.zeros((x0.shape[0],), jnp.float32)
+  else:
+    x1, log_ratio = jax.lax.stop_gradient(ode_sample_with_log_ratio(ft_v, base_v, x0, cfg, kh, mode))
+  neg_grad_r, rewards = adjoint_lib.terminal_adjoint(reward_fn, x1, cfg.lam, cond)
+  if mode == "none":
+    weights, ess = jnp.ones_like(rewards), jnp.ones((), jnp.float32)
+  else:
+    # p* / p_n  oc  e^{lambda r(X_1)} p_base(X_1) / p_n(X_1), normalised over the (global) batch.
+    weights, ess = self_normalised_weights(cfg.lam * rewards + log_ratio, cfg.eam_max_log_weight)
+    weights = jax.lax.stop_gradient(weights)
   # grad g = -grad r - grad log p_base + grad log p_ref, grad log p_ref(x) = -x / s^2.
   a1 = jax.lax.stop_gradient(neg_grad_r - base_data_score(base_v, x1, schedule, cfg.eam_score_time) - x1 / s**2)
 
@@ -545,10 +684,11 @@ def eam_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn,
   v_ft = ft_apply_fn(ft_params, x_t, t, *losses._tile_cond(cond, m))
   u = _bcast(2.0 / sig, x_t) * (v_ft - _bcast(lin, x_t) * x_t)
   target = -_bcast(sig * phi, x_t) * a1_m
-  terms = _sqnorm(u - target)
+  terms = _sqnorm(u - target) * jnp.concatenate([weights] * m, axis=0)
   loss = jnp.mean(terms)
   return loss, {"loss": loss, "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards),
-                "target_norm": jnp.mean(_sqnorm(target))}
+                "target_norm": jnp.mean(_sqnorm(target)), "eam_ess": ess,
+                "log_ratio_mean": jnp.mean(log_ratio)}
 
 
 # ---------------------------------------------------------------------------------------------
