@@ -11,7 +11,7 @@ uniformly by ``cond_fn``; the reward is r(x, y) = log p_A(y | x) of classifier A
 (``reward.name='prompt'``; 'target_class' and 'ink' are the other choices).  One run per entry of
 ``lambdas`` (the reward multiplier), each in ``<workdir>/lam_<lambda>``.
 
-Measured (2-core CPU, shared, 2026-11-25; full table in notes_images.md): pre-training 3000 steps
+Measured (2-core CPU, shared, 2026-11-25; full table in BUILD_NOTES.md section 11): pre-training 3000 steps
 ~9.5 min; classifiers 70 s (test accuracy A 0.9966, B 0.9966); fine-tuning 2 x 300 steps 6 min 41 s
 (1.5-1.6 steps/s); evaluation 69 s.  ODE, no guidance, 500 samples:
 reward_A (train) base -0.073 -> lambda 2: -0.025 -> lambda 8: -0.0086; reward_B (held out) -0.067 ->

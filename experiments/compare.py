@@ -45,16 +45,21 @@ from flax import nnx
 
 from am_jax import gmm, losses, methods, metrics, models, rewards, sampling, schedules, training
 
-flags.DEFINE_enum("task", "toy2d", ["toy2d", "digits"], "Which comparison.")
-flags.DEFINE_string("workdir", None, "Output folder (default runs/compare_<task>).")
-flags.DEFINE_list("runs", None, "Subset of run names (default: all of RUNS).")
-flags.DEFINE_integer("steps", 0, "Steps per run (0: task default: toy2d 600, digits 120).")
-flags.DEFINE_integer("batch_size", 0, "Trajectories per step (0: task default: toy2d 256, digits 16).")
-flags.DEFINE_integer("eval_every", 0, "Evaluate every this many steps (0: task default: toy2d 50, digits 20).")
-flags.DEFINE_float("lam", 0.0, "Reward multiplier lambda (0: task default: toy2d 1, digits 8).")
-flags.DEFINE_integer("seed", 0, "Seed (same for every run).")
-flags.DEFINE_string("digits_config", "configs/digits_finetune.py", "digits: config with the checkpoints.")
-flags.DEFINE_bool("replot", False, "Only rebuild the markdown and PNG from compare_<task>.json.")
+def define_flags():
+  """Flags of the launcher (defined only when run as a script, so importing this module defines none)."""
+  flags.DEFINE_enum("task", "toy2d", ["toy2d", "digits"], "Which comparison.")
+  flags.DEFINE_string("workdir", None, "Output folder (default runs/compare_<task>).")
+  flags.DEFINE_list("runs", None, "Subset of run names (default: all of RUNS).")
+  flags.DEFINE_integer("steps", 0, "Steps per run (0: task default: toy2d 600, digits 120).")
+  flags.DEFINE_integer("batch_size", 0, "Trajectories per step (0: task default: toy2d 256, digits 16).")
+  flags.DEFINE_integer("eval_every", 0, "Evaluate every this many steps (0: task default: toy2d 50, digits 20).")
+  flags.DEFINE_float("lam", 0.0, "Reward multiplier lambda (0: task default: toy2d 1, digits 8).")
+  flags.DEFINE_integer("seed", 0, "Seed (same for every run).")
+  flags.DEFINE_string("digits_config", "configs/digits_finetune.py", "digits: config with the checkpoints.")
+  flags.DEFINE_float("eam_max_log_weight", 0.0, "EAM: clip log-weights at (max - this) (0: no clipping).")
+  flags.DEFINE_bool("replot", False, "Only rebuild the markdown and PNG from compare_<task>.json.")
+
+
 FLAGS = flags.FLAGS
 
 # name -> (method, MethodConfig keyword overrides).  The shared AMConfig is the task's.
@@ -167,17 +172,17 @@ def toy2d_task(lam: float, batch: int, seed: int) -> dict:
   }
 
 
-def digits_task(lam: float, batch: int, seed: int) -> dict:
+def digits_task(lam: float, batch: int, seed: int, config_path: str = "configs/digits_finetune.py") -> dict:
   import dataclasses
 
   from am_jax import builders, classifiers, data as data_lib
   from experiments import evaluate, finetune, finetune_images, pretrain, train_reward
-  cfg = _load(FLAGS.digits_config)
+  cfg = _load(config_path)
   for d, cmd in ((cfg.base_checkpoint, "experiments.pretrain --config=configs/digits_pretrain.py"),
                  (cfg.reward_checkpoint, "experiments.train_reward --config=configs/digits_reward.py")):
     if not os.path.isdir(d):
       raise FileNotFoundError(f"{d!r} not found: run `python -m {cmd} --workdir={d}` first "
-                              f"(commands in {FLAGS.digits_config}).")
+                              f"(commands in {config_path}).")
   base_apply, base_params, _ = finetune.load_base(cfg.base_checkpoint, None)
   base_params = pretrain.to_local(base_params)
   reward_fn_raw = finetune_images.build_reward(cfg)
@@ -347,7 +352,10 @@ def main(_):
     defaults = {"toy2d": (600, 256, 50, 1.0), "digits": (120, 16, 20, 8.0)}[task_name]
     steps, batch, eval_every, lam = (FLAGS.steps or defaults[0], FLAGS.batch_size or defaults[1],
                                      FLAGS.eval_every or defaults[2], FLAGS.lam or defaults[3])
-    task = (toy2d_task if task_name == "toy2d" else digits_task)(lam, batch, FLAGS.seed)
+    task = (toy2d_task(lam, batch, FLAGS.seed) if task_name == "toy2d"
+            else digits_task(lam, batch, FLAGS.seed, FLAGS.digits_config))
+    if FLAGS.eam_max_log_weight:
+      task.setdefault("method_overrides", {})["eam_max_log_weight"] = FLAGS.eam_max_log_weight
     names = FLAGS.runs or list(RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -356,7 +364,8 @@ def main(_):
     meta = {"task": task_name, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} CPU x{os.cpu_count()}" if jax.default_backend() == "cpu"
             else jax.devices()[0].device_kind, "jax": jax.__version__, "steps": steps, "batch_size": batch,
-            "lambda": lam, "seed": FLAGS.seed, "reach": task["reach"], "reference": task["reference"]}
+            "lambda": lam, "seed": FLAGS.seed, "reach": task["reach"], "reference": task["reference"],
+            "method_overrides": task.get("method_overrides", {})}
     saved = {"meta": meta, "runs": rows}
     os.makedirs(workdir, exist_ok=True)
     with open(out_json, "w") as f:
@@ -369,4 +378,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

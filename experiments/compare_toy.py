@@ -10,8 +10,8 @@ the model is sampled with the ODE on the training grid (K = 40, ``eval_samples``
 its W1 to the exact target CDF, mean reward and right-mode mass are recorded; evaluation time is not
 counted in the wall-clock.  The final numbers use ``toy.evaluate_against_target`` (20k ODE samples).
 
-Extra rows (``--diagnostics``): EAM and AM started at the exact target and at a wrongly weighted target
-(right-mode mass 0.6), EAM on a unimodal Gaussian base, and the deterministic-control reference
+Extra rows (``--diagnostics``): EAM (importance-weighted and unweighted) and AM started at the exact target
+and at a wrongly weighted target (right-mode mass 0.6), EAM on a unimodal Gaussian base, and the deterministic-control reference
 (per-trajectory optimal open-loop controls) that deterministic_am should converge to.
 
 Writes to --workdir: compare_toy.json (everything, with histories), compare_toy.md (the table),
@@ -59,6 +59,10 @@ RUNS = {
     "continuous_adjoint": ("continuous_adjoint", methods.MethodConfig(am=_am_config())),
     "discrete_adjoint": ("discrete_adjoint", methods.MethodConfig(am=_am_config())),
     "eam": ("eam", methods.MethodConfig(am=_am_config())),
+    "eam_unweighted": ("eam", methods.MethodConfig(am=_am_config(), eam_weights="none")),
+    # EAM sampler / variance ablations (BUILD_NOTES.md section 8.7g).
+    "eam_uniform_grid": ("eam", methods.MethodConfig(am=_am_config(), eam_time_power=1.0)),
+    "eam_64_times": ("eam", methods.MethodConfig(am=_am_config(), eam_num_times=64)),
     "am_const_sigma_0.2": ("am_const_sigma", methods.MethodConfig(am=_am_config(), const_sigma=0.2)),
     "am_const_sigma_1.0": ("am_const_sigma", methods.MethodConfig(am=_am_config(), const_sigma=1.0)),
     "draft_k1": ("draft", methods.MethodConfig(am=_am_config(), draft_k=1)),
@@ -178,9 +182,10 @@ def _diagnostics(base, target, reward_fn):
   """EAM fixed point and mode-weight neutrality; EAM on a unimodal base; deterministic_am reference."""
   out, rows = {}, []
   wrong = gmm.GaussianMixture(jnp.array([0.4, 0.6]), target.means, target.covs)
-  for method in ("eam", "am"):
+  for run in ("eam", "eam_unweighted", "am"):
     for label, init in (("from_target", target), ("from_mass_0.6", wrong)):
-      row, _ = _run(f"{method}_{label}", method, RUNS[method][1], base, target, reward_fn, init=init)
+      method, cfg = RUNS[run]
+      row, _ = _run(f"{run}_{label}", method, cfg, base, target, reward_fn, init=init)
       rows.append(row)
   # Unimodal base N(-0.5, 0.5^2), reward 2x: target N(0, 0.5^2); no mode weights to move.
   uni = gmm.make_mixture([1.0], [[-0.5]], [0.5])

@@ -2,8 +2,9 @@
 
 Fast (default suite): every objective is jittable and differentiable with the shared signature; the full
 adjoint is the pathwise gradient; basic AM / continuous adjoint / discrete adjoint gradients agree (paper
-Prop. 2); the EAM reference formulas are exact on a Gaussian mixture and the exact tilt is EAM's fixed
-point; cheap convergence checks (EAM reaches the tilt on a unimodal base; DRaFT and ReFL never come close).
+Prop. 2); the EAM reference formulas are exact on a Gaussian mixture, the exact tilt is EAM's fixed
+point and its importance-weight log-ratio equals exact log-densities; cheap convergence checks (EAM reaches
+the tilt on a unimodal base; weighted EAM moves mode mass, unweighted does not; DRaFT and ReFL never come close).
 
 Slow (``-m slow``): 1000-step runs on the 1-D problem 0.5 N(-1, .3^2) + 0.5 N(1, .3^2), r(x) = x, lambda = 1
 (exact target mass 0.881).  Thresholds sit between measured values (BUILD_NOTES.md section 8, 2-core CPU,
