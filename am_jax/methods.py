@@ -27,7 +27,8 @@ Methods (derivations and measurements: BUILD_NOTES.md section 8):
   am_const_sigma      AM sampled with a constant sigma (the biased baseline of paper Fig. 2).
   eam                 Efficient AM: linear (Gaussian-reference) base drift, terminal cost
                       g = -r - log p_base + log p_ref, few-step ODE sampling, closed-form adjoint.
-                      Exact fixed point, but mode weights are a near-neutral direction (BUILD_NOTES.md section 8).
+                      Terminal samples are importance-weighted by p_base e^r / p_n (log-ratio integrated along
+                      the ODE path), without which mode weights are a near-neutral direction (BUILD_NOTES.md 8.7).
   deterministic_am    ODE dynamics, truncated lean adjoint, regulariser 'kl' | 'kinetic' | 'power'.
 
 IMPORTANT for methods that differentiate through the states (basic_am, continuous_adjoint,
