@@ -84,9 +84,9 @@ def network_passes(method: str, cfg: methods.MethodConfig, dim: int) -> dict:
   M (F + B) fine-tuned + M F base (loss).  basic_am: the full adjoint differentiates the fine-tuned AND base drift
   (2K (F + B)).  continuous_adjoint: full adjoint + the surrogate on all K steps (K (F + B) fine-tuned + K F base).
   discrete_adjoint: K F of each net, backprop through both (2K B).  draft: K F + draft_k B.  refl: K F + one F + B.
-  eam (n midpoint steps, m regression times, P = dim (exact divergence) or 1 (Hutchinson)): weighted: per step one
-  fine-tuned F, then at the midpoint one F of each net and P VJPs of each, + 1 base F (data score) + m (F + B);
-  unweighted: 2n + 1 + m F, m B.  deterministic_am (window W = ceil(truncation K), A anchors): K F + W base VJPs +
+  eam (n sampler steps, m regression times, P = dim (exact divergence) or 1 (Hutchinson)): weighted midpoint: per
+  step one fine-tuned F, then at the midpoint one F of each net and P VJPs of each, + 1 base F (data score) + m (F + B);
+  unweighted: 2n + 1 + m F, m B; the Euler sampler has one stage per step instead of two.  deterministic_am (window W = ceil(truncation K), A anchors): K F + W base VJPs +
   (W + A) x (F + B fine-tuned, F base).
   """
   am = cfg.am
@@ -107,13 +107,12 @@ def network_passes(method: str, cfg: methods.MethodConfig, dim: int) -> dict:
   elif method == "eam":
     n, mt = cfg.eam_ode_steps, cfg.eam_num_times
     mode = methods.eam_weight_mode(cfg, (1, dim))
+    stages = 1 if cfg.eam_ode_solver == "euler" else 2  # fine-tuned forwards per sampler step
     if mode == "none":
-      f, b = 2 * n + 1 + mt, mt
-    else:
+      f, b = stages * n + 1 + mt, mt
+    else:  # the last stage also evaluates the base and P VJPs of each net (``methods.log_ratio_rate``)
       p = dim if mode == "exact" else 1
-      f, b = 3 * n + 1 + mt, 2 * n * p + mt
-    if cfg.eam_ode_solver == "euler":
-      raise NotImplementedError("network_passes: eam with the Euler sampler is not counted.")
+      f, b = (stages + 1) * n + 1 + mt, 2 * n * p + mt
   elif method == "deterministic_am":
     w = max(1, min(k, math.ceil(cfg.truncation * k - 1e-6)))
     a = min(cfg.det_anchor_steps, k - w)

@@ -23,6 +23,9 @@ def test_network_passes_counts():
   assert compare.network_passes("eam", cfg, 64)["backward"] == 2 * 8 + 16  # Hutchinson above 16 dims
   unweighted = methods.MethodConfig(am=cfg.am, eam_weights="none")
   assert compare.network_passes("eam", unweighted, 2)["total"] == 2 * 8 + 1 + 16 + 16
+  euler = methods.MethodConfig(am=cfg.am, eam_ode_solver="euler")
+  assert compare.network_passes("eam", euler, 2) == {"forward": 2 * 8 + 1 + 16, "backward": 2 * 8 * 2 + 16,
+                                                     "total": 81}
   with pytest.raises(ValueError, match="unknown method"):
     compare.network_passes("dpo", cfg, 2)
 
