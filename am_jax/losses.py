@@ -37,8 +37,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from am_jax import parameterisation
 from am_jax import adjoint as adjoint_lib
-from am_jax import models
 from am_jax import sampling
 from am_jax import schedules as schedules_lib
 from am_jax import sharding as sharding_lib
@@ -72,7 +72,7 @@ class AMConfig:
   # forward pass of the fine-tuned model at the loss points.  Same value and gradient to float rounding.
   chunk_loss: bool = False
   # Mixed precision: dtype of the network evaluations (params and x cast, output back to float32;
-  # ``models.mixed_precision``).  The SDE state, the adjoint and the loss stay float32.
+  # ``parameterisation.mixed_precision``).  The SDE state, the adjoint and the loss stay float32.
   network_dtype: str = "float32"
 
   def __post_init__(self):
@@ -98,8 +98,8 @@ class AMConfig:
       raise ValueError(f"AMConfig.remat_segments > 0 needs solver = 'scan', got solver = {self.solver!r}.")
     if not isinstance(self.chunk_loss, bool):
       raise TypeError(f"AMConfig.chunk_loss must be a bool, got {self.chunk_loss!r}.")
-    if self.network_dtype not in models.NETWORK_DTYPES:
-      raise ValueError(f"AMConfig.network_dtype must be one of {models.NETWORK_DTYPES}, got {self.network_dtype!r}.")
+    if self.network_dtype not in parameterisation.NETWORK_DTYPES:
+      raise ValueError(f"AMConfig.network_dtype must be one of {parameterisation.NETWORK_DTYPES}, got {self.network_dtype!r}.")
     if not isinstance(self.schedule, schedules_lib.Schedule):
       raise TypeError(f"AMConfig.schedule must be a Schedule, got {self.schedule!r}.")
     schedules_lib.get_diffusion(self.diffusion)
@@ -152,8 +152,8 @@ def make_am_batch(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, bas
       is then constrained to the mesh's data axis (``am_jax.sharding``).
   """
   coeffs = config.coefficients()
-  ft_apply_fn = models.mixed_precision(ft_apply_fn, config.network_dtype)
-  base_apply_fn = models.mixed_precision(base_apply_fn, config.network_dtype)
+  ft_apply_fn = parameterisation.mixed_precision(ft_apply_fn, config.network_dtype)
+  base_apply_fn = parameterisation.mixed_precision(base_apply_fn, config.network_dtype)
   k0, kn = jax.random.split(key)
   x0 = sharding_lib.constrain_batch(jax.random.normal(k0, tuple(x_shape), jnp.float32), mesh, 0)
   noise = sharding_lib.constrain_batch(sampling.draw_noise(kn, config.num_steps, x_shape), mesh, 1)
@@ -211,8 +211,8 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   x_sel, a_sel = jax.lax.stop_gradient(x_sel), jax.lax.stop_gradient(a_sel)
   chex.assert_equal_shape([x_sel, a_sel])
   chex.assert_axis_dimension(x_sel, 0, idx.shape[0])
-  ft_apply_fn = models.mixed_precision(ft_apply_fn, config.network_dtype)
-  base_apply_fn = models.mixed_precision(base_apply_fn, config.network_dtype)
+  ft_apply_fn = parameterisation.mixed_precision(ft_apply_fn, config.network_dtype)
+  base_apply_fn = parameterisation.mixed_precision(base_apply_fn, config.network_dtype)
   coeffs = config.coefficients()
   m, b = idx.shape[0], x_sel.shape[1]
   if config.chunk_loss:
@@ -290,8 +290,8 @@ def make_am_selection(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   if not config.remat_segments:
     raise ValueError("make_am_selection needs AMConfig.remat_segments > 0.")
   coeffs = config.coefficients()
-  ft_apply_fn = models.mixed_precision(ft_apply_fn, config.network_dtype)
-  base_apply_fn = models.mixed_precision(base_apply_fn, config.network_dtype)
+  ft_apply_fn = parameterisation.mixed_precision(ft_apply_fn, config.network_dtype)
+  base_apply_fn = parameterisation.mixed_precision(base_apply_fn, config.network_dtype)
   k0, kn = jax.random.split(key)
   x0 = sharding_lib.constrain_batch(jax.random.normal(k0, tuple(x_shape), jnp.float32), mesh, 0)
   seg_len = config.num_steps // config.remat_segments

@@ -33,7 +33,7 @@ Methods (derivations and measurements: BUILD_NOTES.md section 8):
 
 IMPORTANT for methods that differentiate through the states (basic_am, continuous_adjoint,
 discrete_adjoint, draft): ``ft_apply_fn`` must be differentiable in x, including its base-model part.
-``models.residual_model`` stops the gradient of the base *parameters* only, so d v_base / dx flows
+``parameterisation.residual_model`` stops the gradient of the base *parameters* only, so d v_base / dx flows
 (needed by the methods that differentiate through states).
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from am_jax import parameterisation
 from am_jax import adjoint as adjoint_lib
 from am_jax import dynamics
 from am_jax import gmm as gmm_lib
@@ -170,9 +171,9 @@ def as_method_config(config) -> MethodConfig:
   raise TypeError(f"config must be a MethodConfig or an AMConfig, got {type(config).__name__}.")
 
 
-# ``models.residual_model`` freezes only the base *parameters*, so d v_base / dx flows: the methods
+# ``parameterisation.residual_model`` freezes only the base *parameters*, so d v_base / dx flows: the methods
 # that backpropagate through states need it (the drift Jacobian of the fine-tuned process).
-residual_model = models.residual_model
+residual_model = parameterisation.residual_model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,49 +80,6 @@ def functional(model: nnx.Module):
   return apply_fn, params
 
 
-NETWORK_DTYPES = ("float32", "bfloat16")
-
-
-def mixed_precision(apply_fn: Callable, dtype="float32") -> Callable:
-  """``apply_fn(params, x, t, *cond)`` evaluated in ``dtype``, returning float32.
-
-  Floating-point leaves of ``params`` and ``x`` are cast to ``dtype`` (bfloat16: the network's matmuls
-  and convolutions run in bf16); ``t`` and the conditions are passed unchanged (the models compute the
-  time embedding in float32 and cast it to x's dtype); the output is cast back to float32, so the SDE
-  state, the adjoint and the loss stay float32.  Gradients flow through the casts (float32 in, float32
-  out).  For float32 this returns ``apply_fn`` itself (no cast anywhere).
-  """
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.float32:
-    return apply_fn
-
-  def cast(a):
-    return a.astype(dtype) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) else a
-
-  def wrapped(params, x, t, *cond):
-    return apply_fn(jax.tree.map(cast, params), cast(x), t, *cond).astype(jnp.float32)
-
-  return wrapped
-
-
-def residual_model(base_apply_fn: Callable, base_params, net_apply_fn: Callable, schedule,
-                   parameterisation: str = "control") -> Callable:
-  """Fine-tuned velocity ``apply_fn(net_params, x, t, *cond)`` = frozen base + trainable residual."""
-  if parameterisation not in ("control", "velocity"):
-    raise ValueError(f"parameterisation must be 'control' or 'velocity', got {parameterisation!r}.")
-
-  def apply_fn(net_params, x, t, *cond):
-    # Freeze the base *parameters* only: gradients w.r.t. x must still flow through the base, or
-    # methods that differentiate through the states (discrete adjoint, DRaFT) get wrong Jacobians.
-    v_base = base_apply_fn(jax.lax.stop_gradient(base_params), x, t, *cond)
-    out = net_apply_fn(net_params, x, t, *cond)
-    if parameterisation == "control":
-      out = 0.5 * _bcast(schedule.memoryless_sigma(t), x) * out
-    return v_base + out
-
-  return apply_fn
-
-
 def _canonical_dims(ndim: int):
   """Dimension numbers of an N-spatial-dim conv with NH..WC inputs and H..WIO kernels (flax layout)."""
   spatial = tuple(range(1, ndim - 1))

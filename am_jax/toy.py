@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from am_jax import parameterisation
 from am_jax import gmm as gmm_lib
 from am_jax import losses
 from am_jax import metrics
@@ -44,7 +45,7 @@ def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: 
     config: AMConfig (use ``loss_clip=None`` here: the paper's clip removes the informative
       heavy-tailed terms on this problem, BUILD_NOTES.md).
     steps, batch_size, learning_rate: Adam optimisation of the residual MLP (``hidden`` widths).
-    parameterisation: 'control' (net predicts u) or 'velocity' (``models.residual_model``).
+    parameterisation: 'control' (net predicts u) or 'velocity' (``parameterisation.residual_model``).
     log_every: record (and print with ``log_fn``) diagnostics every this many steps; 0 = never.
 
   Returns:
@@ -59,8 +60,8 @@ def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: 
   net_apply, params = models.functional(net)
   # config.network_dtype applies to the residual MLP only: the exact mixture base is not a network
   # and stays float32 (the objective then runs with float32 for the apply_fns it is given).
-  net_apply = models.mixed_precision(net_apply, config.network_dtype)
-  ft_apply = models.residual_model(base_apply, gmm, net_apply, config.schedule, parameterisation)
+  net_apply = parameterisation.mixed_precision(net_apply, config.network_dtype)
+  ft_apply = parameterisation.residual_model(base_apply, gmm, net_apply, config.schedule, parameterisation)
   objective_config = dataclasses.replace(config, network_dtype="float32")
   opt = optax.adam(learning_rate)
   opt_state = opt.init(params)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from am_jax import parameterisation
 from am_jax import losses
-from am_jax import models
 from am_jax import sharding as sharding_lib
 
 
@@ -102,7 +102,7 @@ def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn
     objective: any function with the signature of ``losses.adjoint_matching_objective``.
     residual: None: ``ft_apply_fn`` is the whole fine-tuned model (e.g. a copy of the base net);
       'control' / 'velocity': ``ft_apply_fn`` is a residual net and the fine-tuned velocity is
-      ``models.residual_model(base_apply_fn, base_params, ft_apply_fn, schedule, residual)``, built
+      ``parameterisation.residual_model(base_apply_fn, base_params, ft_apply_fn, schedule, residual)``, built
       inside the step so the base params stay a step argument.
   """
   net_apply_fn = ft_apply_fn
@@ -119,7 +119,7 @@ def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn
     else:
       # The base inside the residual model is a closure, so cast it here too (config.network_dtype);
       # the objective casts the apply_fns and params it is given.
-      ft_apply = models.residual_model(models.mixed_precision(base_apply_fn, config.network_dtype), base_params,
+      ft_apply = parameterisation.residual_model(parameterisation.mixed_precision(base_apply_fn, config.network_dtype), base_params,
                                        net_apply_fn, config.schedule, residual)
 
     def loss_fn(p):

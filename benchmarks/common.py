@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from am_jax import parameterisation
 from am_jax import builders, losses, models, rewards, sampling, sharding, training
 from am_jax import adjoint as adjoint_lib
 
@@ -54,18 +55,18 @@ class Problem(NamedTuple):
   def ft_apply(self, base_params=None):
     """Fine-tuned velocity ``apply(params, x, t, *cond)`` (base params closed over when residual).
 
-    Evaluated in ``am_config.network_dtype`` like the train step does (``models.mixed_precision``).
+    Evaluated in ``am_config.network_dtype`` like the train step does (``parameterisation.mixed_precision``).
     """
     dtype = self.am_config.network_dtype
     if self.residual is None:
-      return models.mixed_precision(self.net_apply, dtype)
+      return parameterisation.mixed_precision(self.net_apply, dtype)
     bp = self.base_params if base_params is None else base_params
-    return models.mixed_precision(models.residual_model(models.mixed_precision(self.base_apply, dtype), bp,
+    return parameterisation.mixed_precision(parameterisation.residual_model(parameterisation.mixed_precision(self.base_apply, dtype), bp,
                                                         self.net_apply, self.am_config.schedule, self.residual), dtype)
 
   def base_net(self):
     """The base velocity ``apply(base_params, x, t, *cond)`` in ``am_config.network_dtype``."""
-    return models.mixed_precision(self.base_apply, self.am_config.network_dtype)
+    return parameterisation.mixed_precision(self.base_apply, self.am_config.network_dtype)
 
   def num_loss_steps(self) -> int:
     c = self.am_config

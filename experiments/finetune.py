@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from am_jax import parameterisation
 from am_jax import builders, checkpointing, gmm as gmm_lib, metrics as metrics_lib, models
 from am_jax import sampling, sharding, training
 from experiments import common, pretrain
@@ -123,7 +124,7 @@ def evaluate(cfg, workdir, base_apply, base_params, net_apply, residual, params,
   if residual is None:
     ft_apply = net_apply
   else:
-    ft_apply = models.residual_model(base_apply, base_params, net_apply, schedule, residual)
+    ft_apply = parameterisation.residual_model(base_apply, base_params, net_apply, schedule, residual)
   draw = lambda fn, p, diffusion: np.asarray(jax.jit(lambda p_, k: sampling.sample(  # noqa: E731
       fn, p_, k, (n, 2), schedule, diffusion, k_steps, cfg.am.time_offset))(p, jax.random.PRNGKey(cfg.seed + 99)))
   samples = {"base_ode": draw(base_apply, base_params, "ode"), "finetuned_ode": draw(ft_apply, params, "ode"),

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from am_jax import parameterisation
 from am_jax import builders, checkpointing, gmm as gmm_lib, metrics as metrics_lib, models, sampling, sharding
 from am_jax import training
 from experiments import common, finetune, pretrain
@@ -53,7 +54,7 @@ def run(cfg, workdir, diffusion="ode", num_samples=10_000, num_steps=0, which="f
     state = ckpt.restore(None, training.init_state(params0, optimizer, cfg.seed), mesh)
     ckpt.close()
     params = pretrain.to_local(state.ema_params if cfg.finetune.ema_decay else state.params)
-    apply_fn = net_apply if residual is None else models.residual_model(base_apply, base_params, net_apply,
+    apply_fn = net_apply if residual is None else parameterisation.residual_model(base_apply, base_params, net_apply,
                                                                         schedule, residual)
   k = num_steps or cfg.am.num_steps
   shape = (num_samples,) + builders.data_shape(cfg)

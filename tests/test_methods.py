@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from am_jax import parameterisation
 from am_jax import adjoint, dynamics, gmm, losses, methods, metrics, models, rewards, sampling, schedules, toy
 
 S = schedules.LinearSchedule()
@@ -118,7 +119,7 @@ def test_residual_model_keeps_the_base_x_gradient():
   dv = lambda f: jax.jit(jax.grad(lambda z: f(params, z, t).sum()))(x)  # noqa: E731
   exact = dv(lambda p, z, tt: base(BASE, z, tt))
   np.testing.assert_allclose(dv(methods.residual_model(base, BASE, net_apply, S)), exact, rtol=1e-5)
-  np.testing.assert_allclose(dv(models.residual_model(base, BASE, net_apply, S)), exact, rtol=1e-5)
+  np.testing.assert_allclose(dv(parameterisation.residual_model(base, BASE, net_apply, S)), exact, rtol=1e-5)
   assert float(jnp.max(jnp.abs(exact))) > 0.0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from am_jax import parameterisation
 from am_jax import adjoint, builders, gmm, losses, models, rewards, sampling, schedules, sharding, toy, training
 
 S = schedules.LinearSchedule()
@@ -21,7 +22,7 @@ REWARD = rewards.quadratic_reward(0.5 * jnp.eye(2), jnp.array([1.0, -0.5]))
 
 def _residual_problem(hidden=(32, 32)):
   net_apply, params = models.functional(models.MLP(2, hidden=hidden, rngs=nnx.Rngs(0)))
-  return net_apply, params, models.residual_model(BASE_APPLY, RING, net_apply, S, "control")
+  return net_apply, params, parameterisation.residual_model(BASE_APPLY, RING, net_apply, S, "control")
 
 
 def _max_abs_diff(a, b):
@@ -157,8 +158,8 @@ def test_mixed_precision_wrapper():
     return x @ params["w"]
 
   params = {"w": jnp.eye(2)}
-  assert models.mixed_precision(apply, "float32") is apply
-  bf = models.mixed_precision(apply, "bfloat16")
+  assert parameterisation.mixed_precision(apply, "float32") is apply
+  bf = parameterisation.mixed_precision(apply, "bfloat16")
   out = bf(params, jnp.ones((3, 2)), jnp.full((3,), 0.5))
   assert seen["dtypes"] == (jnp.bfloat16, jnp.bfloat16, jnp.float32) and out.dtype == jnp.float32
   g = jax.grad(lambda p: jnp.sum(bf(p, jnp.ones((3, 2)), jnp.zeros(3))))(params)
