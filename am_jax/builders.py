@@ -6,18 +6,26 @@ compilation with a ``ValueError`` whose message names the offending field (e.g.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
+
+import jax
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from am_jax import checkpointing
+from am_jax import classifiers
+from am_jax import dynamics
 from am_jax import gmm as gmm_lib
 from am_jax import losses
 from am_jax import models
 from am_jax import rewards as rewards_lib
 from am_jax import schedules as schedules_lib
+from am_jax import sharding as sharding_lib
 from am_jax import training
+from am_jax.problem import Problem
 
 
 class ConfigError(ValueError):
@@ -54,11 +62,20 @@ def build_schedule(cfg) -> schedules_lib.Schedule:
   return schedules_lib.get_schedule(name)
 
 
-DATA_NAMES = ("ring", "moons", "digits")
+DATA_NAMES = ("ring", "moons", "digits", "mnist")
+DATA_SHAPES = {"ring": (2,), "moons": (2,), "digits": (8, 8, 1), "mnist": (28, 28, 1)}
 
 
-def validate_data(cfg):
-  require(cfg, "data.name", lambda v: v in DATA_NAMES, f"one of {DATA_NAMES}")
+def validate_data(cfg, for_training: bool = True):
+  """``data.name`` is a bundled dataset, or '' / 'none' for a user task that gives ``data.shape``."""
+  name = require(cfg, "data.name", lambda v: v in DATA_NAMES + ("", "none"), f"one of {DATA_NAMES} or '' (none)")
+  if name in ("", "none"):
+    if for_training:
+      raise ConfigError("config.data.name = '': pre-training needs a dataset; set config.base_checkpoint to a "
+                        "trained base instead.")
+    require(cfg, "data.shape", lambda v: len(v) > 0 and all(_positive_int(s) for s in v),
+            "a tuple of positive ints (the shape of one sample)")
+    return
   require(cfg, "data.num_samples", _positive_int, "a positive integer")
   if cfg.data.name == "ring":
     require(cfg, "data.num_components", _positive_int, "a positive integer")
@@ -67,8 +84,10 @@ def validate_data(cfg):
 
 
 def data_shape(cfg) -> tuple:
-  """Shape of one sample of ``cfg.data``."""
-  return (8, 8, 1) if cfg.data.name == "digits" else (2,)
+  """Shape of one sample of ``cfg.data`` (``data.shape`` for a user task without a bundled dataset)."""
+  if cfg.data.name in DATA_SHAPES:
+    return DATA_SHAPES[cfg.data.name]
+  return tuple(int(s) for s in cfg.data.shape)
 
 
 def exact_data_mixture(cfg):
@@ -78,38 +97,107 @@ def exact_data_mixture(cfg):
   return None
 
 
+MODEL_KINDS = ("mlp", "unet", "transformer")
+PREDICTIONS = ("velocity", "epsilon", "x0")
+
+
+def load_callable(spec: str, field: str) -> Callable:
+  """The object named by ``"package.module:attribute"`` (e.g. ``"my_pkg.rewards:aesthetic"``).
+
+  The module is imported normally (it must be on ``sys.path``: installed, or in the working directory);
+  a ``.py`` path also works (``"/path/to/file.py:attribute"``).  ConfigError naming ``field`` otherwise.
+  """
+  if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+    raise ConfigError(f"config.{field} = {spec!r}: must be 'package.module:attribute'.")
+  mod_name, attr = spec.split(":")
+  try:
+    if mod_name.endswith(".py"):
+      import importlib.util
+      import os
+      path = os.path.abspath(mod_name)
+      mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+      module = importlib.util.module_from_spec(mod_spec)
+      mod_spec.loader.exec_module(module)
+    else:
+      import importlib
+      module = importlib.import_module(mod_name)
+  except Exception as e:  # noqa: BLE001  (any import failure is a config error naming the field)
+    raise ConfigError(f"config.{field} = {spec!r}: cannot import {mod_name!r} ({type(e).__name__}: {e}).") from e
+  if not hasattr(module, attr):
+    raise ConfigError(f"config.{field} = {spec!r}: module {mod_name!r} has no attribute {attr!r}.")
+  obj = getattr(module, attr)
+  if not callable(obj):
+    raise ConfigError(f"config.{field} = {spec!r}: {attr!r} is not callable.")
+  return obj
+
+
+def _is_callable_spec(v) -> bool:
+  return isinstance(v, str) and ":" in v
+
+
 def validate_model(cfg):
-  kind = require(cfg, "model.kind", lambda v: v in ("mlp", "unet"), "'mlp' or 'unet'")
+  kind = require(cfg, "model.kind", lambda v: v in MODEL_KINDS or _is_callable_spec(v),
+                 f"one of {MODEL_KINDS} or 'package.module:make_model'")
+  require(cfg, "model.prediction", lambda v: v in PREDICTIONS, f"one of {PREDICTIONS}") \
+      if "prediction" in cfg.model else None
+  if _is_callable_spec(kind):
+    load_callable(kind, "model.kind")
+    return
   if kind == "mlp":
     require(cfg, "model.hidden", lambda v: len(v) > 0 and all(_positive_int(w) for w in v),
             "a tuple of positive ints")
-  else:
+  elif kind == "unet":
     require(cfg, "model.channels", lambda v: len(v) > 0 and all(_positive_int(w) for w in v),
             "a tuple of positive ints")
-  require(cfg, "model.time_embed_dim", lambda v: _positive_int(v) and v % 2 == 0, "a positive even integer")
+  else:
+    for f in ("patch_size", "width", "depth", "num_heads"):
+      require(cfg, f"model.{f}", _positive_int, "a positive integer")
+  require(cfg, "model.time_embed_dim", lambda v: _positive_int(v) and v % 2 == 0, "a positive even integer") \
+      if kind != "transformer" else None
   require(cfg, "model.num_classes", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
 
 
 def build_model(cfg, data_shape, seed: int, zero_init_output: bool = False):
-  """(apply_fn, params) of the velocity net described by ``cfg.model`` for samples of ``data_shape``.
+  """(apply_fn, params) of the network described by ``cfg.model`` for samples of ``data_shape``.
 
-  data_shape: the shape of one sample, e.g. (2,) or (8, 8, 1) (an int d means (d,)).
+  data_shape: the shape of one sample, e.g. (2,) or (8, 8, 1) (an int d means (d,)).  ``model.kind`` may
+  name a user factory ``"pkg.mod:make_model"`` called as ``make_model(sample_shape, seed)`` and returning
+  ``(apply_fn, params)`` with ``apply_fn(params, x, t, *cond)``.  The output is the raw prediction
+  (``model.prediction``); ``build_velocity_model`` converts it to a velocity.
   """
   validate_model(cfg)
   data_shape = (data_shape,) if isinstance(data_shape, int) else tuple(data_shape)
   m = cfg.model
+  if _is_callable_spec(m.kind):
+    out = load_callable(m.kind, "model.kind")(data_shape, seed)
+    if not (isinstance(out, tuple) and len(out) == 2 and callable(out[0])):
+      raise ConfigError(f"config.model.kind = {m.kind!r}: must return (apply_fn, params), got {type(out).__name__}.")
+    return out
   if m.kind == "mlp":
     if len(data_shape) != 1:
       raise ConfigError(f"config.model.kind = 'mlp' needs vector data, got samples of shape {data_shape}.")
     net = models.MLP(data_shape[0], hidden=tuple(m.hidden), time_embed_dim=m.time_embed_dim,
                      num_classes=m.num_classes, zero_init_output=zero_init_output, rngs=nnx.Rngs(seed))
-  else:
+  elif m.kind == "unet":
     if len(data_shape) != 3 or any(s % 2 ** (len(m.channels) - 1) for s in data_shape[:2]):
       raise ConfigError(f"config.model.channels = {tuple(m.channels)}: image size {data_shape[:2]} must be "
                         f"divisible by 2^(levels - 1).")
     net = models.UNet(data_shape[-1], tuple(m.channels), m.time_embed_dim, m.num_classes, zero_init_output,
                       rngs=nnx.Rngs(seed))
+  else:
+    from am_jax import transformer
+    if len(data_shape) != 3 or any(s % m.patch_size for s in data_shape[:2]):
+      raise ConfigError(f"config.model.patch_size = {m.patch_size}: must divide the image size {data_shape[:2]}.")
+    net = transformer.DiT(data_shape, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+                          num_classes=m.num_classes, zero_init_output=zero_init_output, rngs=nnx.Rngs(seed))
   return models.functional(net)
+
+
+def build_velocity_model(cfg, data_shape, seed: int, zero_init_output: bool = False):
+  """``build_model`` with the output converted to a velocity (``model.prediction``; default velocity)."""
+  apply_fn, params = build_model(cfg, data_shape, seed, zero_init_output)
+  prediction = cfg.model.get("prediction", "velocity")
+  return dynamics.prediction_as_velocity(apply_fn, prediction, build_schedule(cfg)), params
 
 
 def validate_optimizer(cfg, path: str):
@@ -128,19 +216,207 @@ def build_optimizer(cfg, path: str, total_steps: int):
                                  o.grad_clip or None, o.weight_decay)
 
 
-def build_reward(cfg, dim: int):
-  """(reward_fn, tilt) where tilt(mixture) is the exact tilted mixture for lambda * reward."""
-  name = require(cfg, "reward.name", lambda v: v in ("linear", "quadratic"), "'linear' or 'quadratic'")
-  lam = require(cfg, "am.reward_multiplier", lambda v: v > 0, "> 0")
+BUILTIN_REWARDS = ("linear", "quadratic", "prompt", "target_class", "ink")
+
+
+def validate_reward(cfg):
+  name = require(cfg, "reward.name", lambda v: v in BUILTIN_REWARDS or _is_callable_spec(v),
+                 f"one of {BUILTIN_REWARDS} or 'package.module:reward_fn'")
   if name == "linear":
-    c = jnp.broadcast_to(jnp.asarray(require(cfg, "reward.c", lambda v: np.all(np.isfinite(v)), "finite"),
-                                     jnp.float32), (dim,))
-    return rewards_lib.linear_reward(c), lambda m: gmm_lib.tilt_linear(m, lam * c)
-  a = require(cfg, "reward.a", lambda v: np.all(np.isfinite(v)), "finite")
-  b = require(cfg, "reward.b", lambda v: np.all(np.isfinite(v)), "finite")
-  a_mat = jnp.asarray(a, jnp.float32) * (jnp.eye(dim) if np.ndim(a) == 0 else 1.0)
-  b_vec = jnp.broadcast_to(jnp.asarray(b, jnp.float32), (dim,))
-  return rewards_lib.quadratic_reward(a_mat, b_vec), lambda m: gmm_lib.tilt_quadratic(m, lam * a_mat, lam * b_vec)
+    require(cfg, "reward.c", lambda v: np.all(np.isfinite(v)), "finite")
+  elif name == "quadratic":
+    require(cfg, "reward.a", lambda v: np.all(np.isfinite(v)), "finite")
+    require(cfg, "reward.b", lambda v: np.all(np.isfinite(v)), "finite")
+  elif name in ("prompt", "target_class"):
+    require(cfg, "reward.checkpoint", lambda v: isinstance(v, str) and v, "a classifier directory "
+            "(experiments.train_reward workdir)")
+    if name == "target_class":
+      require(cfg, "reward.target_class", lambda v: isinstance(v, int) and 0 <= v < 10, "a digit in 0..9")
+  elif _is_callable_spec(name):
+    load_callable(name, "reward.name")
+
+
+def build_reward(cfg, sample_shape) -> tuple:
+  """(reward_fn, tilt): the RAW reward ``r(x, *cond) -> (B,)`` of ``cfg.reward`` and, for linear/quadratic
+  rewards, ``tilt(mixture, lam)`` giving the exact tilted mixture p exp(lam r) / Z (else None).
+
+  lambda is not read here: it lives in ``config.am.reward_multiplier`` only (``Problem.lam``).
+  """
+  validate_reward(cfg)
+  name = cfg.reward.name
+  dim = int(np.prod(sample_shape))
+  if name == "linear":
+    c = jnp.broadcast_to(jnp.asarray(cfg.reward.c, jnp.float32), (dim,))
+    return rewards_lib.linear_reward(c), lambda m, lam: gmm_lib.tilt_linear(m, lam * c)
+  if name == "quadratic":
+    a = cfg.reward.a
+    a_mat = jnp.asarray(a, jnp.float32) * (jnp.eye(dim) if np.ndim(a) == 0 else 1.0)
+    b_vec = jnp.broadcast_to(jnp.asarray(cfg.reward.b, jnp.float32), (dim,))
+    return (rewards_lib.quadratic_reward(a_mat, b_vec),
+            lambda m, lam: gmm_lib.tilt_quadratic(m, lam * a_mat, lam * b_vec))
+  if name == "ink":
+    return classifiers.ink_reward, None
+  if name in ("prompt", "target_class"):
+    apply_fn, _, params, _ = load_classifier(cfg.reward.checkpoint, cfg.reward.get("classifier", "A"))
+    if name == "prompt":
+      return classifiers.prompt_consistency_reward(apply_fn, params), None
+    return classifiers.target_class_reward(apply_fn, params, int(cfg.reward.target_class)), None
+  return load_callable(name, "reward.name"), None
+
+
+def save_classifier(directory: str, name: str, params, info: dict):
+  """Saves a classifier's params (Orbax) and ``info`` (arch, seed, ...) under ``directory/name``."""
+  import json
+  import os
+  d = os.path.join(os.path.abspath(directory), name)
+  checkpointing.save_params(os.path.join(d, "params"), params)
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump(info, f, indent=2)
+
+
+def load_classifier(directory: str, name: str):
+  """(apply_fn, features_fn, params, info) of a classifier saved by ``save_classifier``."""
+  import json
+  import os
+  d = os.path.join(os.path.abspath(directory), name)
+  if not os.path.isfile(os.path.join(d, "config.json")):
+    raise FileNotFoundError(f"{d!r} holds no classifier: train one with `am-jax train-reward` "
+                            "(experiments/train_reward.py).")
+  with open(os.path.join(d, "config.json")) as f:
+    info = json.load(f)
+  apply_fn, features_fn, params = classifiers.functional(classifiers.build(info["arch"], info["seed"]))
+  params = checkpointing.load_params(os.path.join(d, "params"), params)
+  return apply_fn, features_fn, params, info
+
+
+COND_MODES = ("", "none", "labels", "null")
+
+
+def build_cond_fn(cfg) -> Optional[Callable]:
+  """``cond_fn(key, B) -> tuple`` of ``finetune.cond``: '' (labels when the model has classes, else none),
+  'labels' (uniform over the classes), 'null' (the null label = num_classes: unconditional generation
+  from a classifier-free-guidance model), 'none', or a user ``"pkg.mod:cond_fn"``."""
+  mode = cfg.finetune.get("cond", "")
+  if _is_callable_spec(mode):
+    return load_callable(mode, "finetune.cond")
+  require(cfg, "finetune.cond", lambda v: v in COND_MODES, f"one of {COND_MODES} or 'package.module:cond_fn'") \
+      if "cond" in cfg.finetune else None
+  n_cls = int(cfg.model.get("num_classes", 0) or 0)
+  if mode == "":
+    mode = "labels" if n_cls else "none"
+  if mode == "none":
+    return None
+  if not n_cls:
+    raise ConfigError(f"config.finetune.cond = {mode!r} needs config.model.num_classes > 0.")
+  if mode == "labels":
+    return lambda key, b: (jax.random.randint(key, (b,), 0, n_cls, jnp.int32),)
+  return lambda key, b: (jnp.full((b,), n_cls, jnp.int32),)
+
+
+def parse_options(text: str, field: str) -> dict:
+  """``"k=1,name='x',t=(0.1, 0.9)"`` -> dict of Python literals (ConfigError naming ``field`` otherwise)."""
+  import ast
+  try:
+    call = ast.parse(f"f({text})", mode="eval").body
+    if call.args:
+      raise ValueError("positional value")
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+  except (SyntaxError, ValueError) as e:
+    raise ConfigError(f"config.{field} = {text!r}: must be 'key=value,...' with Python literal values ({e}).") from e
+
+
+def build_method(cfg, am_config: losses.AMConfig) -> Callable:
+  """The objective of ``cfg.method`` (``name`` + ``options``) built by ``am_jax.methods.build``."""
+  from am_jax import methods
+  name = require(cfg, "method.name", lambda v: isinstance(v, str), "a method name")
+  options = cfg.method.get("options", "") or {}
+  if isinstance(options, str):
+    options = parse_options(options, "method.options")
+  options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+  options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+  try:
+    return methods.build(name, am_config, **options)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.method: {e}") from e
+
+
+def build_finetuned(cfg, base_apply, base_params, sample_shape):
+  """(net_apply, init_params, parameterisation, lora_merge) of ``cfg.finetune.parameterisation``."""
+  param = cfg.finetune.parameterisation
+  if param == "full":  # every weight trained, starting from a copy of the base
+    return base_apply, jax.tree.map(jnp.copy, base_params), "full", None
+  if param == "lora":
+    from am_jax import lora
+    adapters = lora.init(base_params, int(cfg.finetune.lora_rank), jax.random.PRNGKey(cfg.seed + 1))
+    scale = float(cfg.finetune.get("lora_scale", 1.0))
+    return base_apply, adapters, "lora", lambda bp, ad: lora.merge(bp, ad, scale)
+  if len(sample_shape) == 1:
+    net = models.MLP(sample_shape[0], hidden=tuple(cfg.finetune.hidden),
+                     time_embed_dim=cfg.model.get("time_embed_dim", 32), num_classes=cfg.model.get("num_classes", 0),
+                     zero_init_output=True, rngs=nnx.Rngs(cfg.seed + 1))
+    net_apply, params = models.functional(net)
+  else:  # an image residual: the base architecture, zero-initialised output
+    net_apply, params = build_model(cfg, sample_shape, cfg.seed + 1, zero_init_output=True)
+  return net_apply, params, param, None
+
+
+def build_problem(cfg, base_apply: Callable, base_params, name: str = "") -> Problem:
+  """The ``Problem`` of a fine-tuning config given the loaded base (``load_base``).
+
+  Everything is validated first (``validate_finetune``), so a bad field fails here, before any work.
+  """
+  validate_finetune(cfg)
+  sample_shape = data_shape(cfg)
+  am_config = build_am_config(cfg)
+  reward_fn, tilt = build_reward(cfg, sample_shape)
+  net_apply, params, param, merge = build_finetuned(cfg, base_apply, base_params, sample_shape)
+  exact = exact_data_mixture(cfg)
+  return Problem(base_apply=base_apply, base_params=base_params, net_apply=net_apply, init_params=params,
+                 parameterisation=param, config=am_config, reward_fn=reward_fn, sample_shape=sample_shape,
+                 cond_fn=build_cond_fn(cfg), exact_base=exact, tilt=tilt if exact is not None else None,
+                 lora_merge=merge, name=name or cfg.get("name", ""))
+
+
+def load_base(cfg, mesh=None):
+  """(base velocity apply_fn, base params) named by ``cfg.base_checkpoint``.
+
+  ``base_checkpoint`` is either a pre-training workdir of ``am-jax pretrain`` (its own config is restored
+  and must agree with ``cfg`` on the schedule and sample shape), or a params directory written by
+  ``checkpointing.save_params`` for a user model (``cfg.model.kind = "pkg.mod:make_model"`` gives the
+  structure).  Params are host NumPy copies; the launcher replicates them on its mesh.
+  """
+  import os
+  base_dir = require(cfg, "base_checkpoint", lambda v: isinstance(v, str) and v, "a directory")
+  if os.path.isdir(os.path.join(base_dir, "checkpoints")):
+    apply_fn, params, base_cfg = load_pretrained(base_dir, mesh)
+    if base_cfg.schedule != cfg.schedule:
+      raise ConfigError(f"config.schedule = {cfg.schedule!r}: the base in {base_dir!r} was trained with "
+                        f"{base_cfg.schedule!r}.")
+    if data_shape(base_cfg) != data_shape(cfg):
+      raise ConfigError(f"config.data: samples of shape {data_shape(cfg)}, but the base in {base_dir!r} "
+                        f"generates {data_shape(base_cfg)}.")
+    return apply_fn, params
+  if not os.path.isdir(base_dir):
+    raise ConfigError(f"config.base_checkpoint = {base_dir!r}: no such directory.")
+  apply_fn, target = build_velocity_model(cfg, data_shape(cfg), cfg.seed)
+  return apply_fn, checkpointing.load_params(base_dir, target)
+
+
+def load_pretrained(base_dir: str, mesh=None):
+  """(velocity apply_fn, params, config) of a base saved by ``am-jax pretrain`` (EMA params when EMA was on)."""
+  import os
+  ckpt = checkpointing.Checkpointer(os.path.join(base_dir, "checkpoints"))
+  try:
+    if ckpt.latest_step() is None:
+      raise ConfigError(f"config.base_checkpoint = {base_dir!r} holds no checkpoint.")
+    base_cfg = ml_collections.ConfigDict(ckpt.restore_config())
+    apply_fn, params = build_velocity_model(base_cfg, data_shape(base_cfg), base_cfg.seed)
+    optimizer = build_optimizer(base_cfg, "pretrain.optimizer", base_cfg.pretrain.steps)
+    state = ckpt.restore(None, training.init_state(params, optimizer, base_cfg.seed), mesh)
+  finally:
+    ckpt.close()
+  params = training.eval_params(state, base_cfg.pretrain.ema_decay)
+  return apply_fn, sharding_lib.to_local(params), base_cfg
 
 
 def build_am_config(cfg) -> losses.AMConfig:
@@ -163,23 +439,49 @@ def build_am_config(cfg) -> losses.AMConfig:
     raise ConfigError(msg) from e
 
 
-def validate_finetune(cfg):
-  """All checks of a fine-tuning config (``configs/gmm2d.py`` layout)."""
-  validate_data(cfg)
-  validate_model(cfg)
+PARAMETERISATIONS = ("control", "velocity", "full", "lora")
+
+
+def validate_finetune(cfg, num_devices: Optional[int] = None):
+  """All checks of a fine-tuning config (``configs/gmm2d.py`` layout), before any work.
+
+  ``num_devices``: the device count of the mesh (default: from ``config.mesh.num_devices``), checked
+  to divide the batch.
+  """
   require(cfg, "seed", lambda v: isinstance(v, int), "an integer")
+  has_base = bool(cfg.get("base_checkpoint", ""))
+  validate_data(cfg, for_training=not has_base)
+  validate_model(cfg)
+  build_schedule(cfg)
   require(cfg, "finetune.steps", _positive_int, "a positive integer")
-  require(cfg, "finetune.batch_size", _positive_int, "a positive integer")
-  require(cfg, "finetune.parameterisation", lambda v: v in ("control", "velocity", "full"),
-          "'control', 'velocity' or 'full'")
+  batch = require(cfg, "finetune.batch_size", _positive_int, "a positive integer")
+  param = require(cfg, "finetune.parameterisation", lambda v: v in PARAMETERISATIONS, f"one of {PARAMETERISATIONS}")
+  if param in ("control", "velocity") and len(data_shape(cfg)) == 1:
+    require(cfg, "finetune.hidden", lambda v: len(v) > 0 and all(_positive_int(w) for w in v),
+            "a tuple of positive ints")
+  if param == "lora":
+    require(cfg, "finetune.lora_rank", _positive_int, "a positive integer")
   require(cfg, "finetune.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")
   require(cfg, "finetune.log_every", _positive_int, "a positive integer")
   validate_optimizer(cfg, "finetune.optimizer")
   validate_checkpoint(cfg, "checkpoint")
   require(cfg, "mesh.num_devices", lambda v: isinstance(v, int) and (v == -1 or v > 0), "-1 (all) or > 0")
-  build_am_config(cfg)
-  build_reward(cfg, 2)
-  validate_pretrain(cfg)
+  if num_devices is None:
+    num_devices = jax.device_count() if cfg.mesh.num_devices == -1 else cfg.mesh.num_devices
+  if batch % num_devices:
+    raise ConfigError(f"config.finetune.batch_size = {batch}: must be divisible by the {num_devices} devices "
+                      "of the mesh (config.mesh.num_devices).")
+  if "eval" in cfg:
+    require(cfg, "eval.num_samples", _positive_int, "a positive integer") if "num_samples" in cfg.eval else None
+    require(cfg, "eval.num_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: am.num_steps)") \
+        if "num_steps" in cfg.eval else None
+  am_config = build_am_config(cfg)
+  validate_reward(cfg)
+  build_cond_fn(cfg)
+  if "method" in cfg:
+    build_method(cfg, am_config)
+  if not has_base:
+    validate_pretrain(cfg)
 
 
 def validate_checkpoint(cfg, path: str):

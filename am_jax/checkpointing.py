@@ -87,3 +87,28 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def save_params(directory: str, params) -> None:
+  """Saves a plain params pytree (a base, a classifier, LoRA adapters, exported weights) with Orbax.
+
+  ``directory`` must not exist yet or is overwritten.  Restore with ``load_params(directory, target)``.
+  """
+  directory = directory if "://" in directory else os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory, params, force=True)
+
+
+def load_params(directory: str, target):
+  """Restores a pytree saved by ``save_params`` into the structure/dtypes of ``target`` (arrays or
+  ShapeDtypeStructs); one-line errors for a missing directory or a structure mismatch."""
+  directory = directory if "://" in directory else os.path.abspath(directory)
+  if "://" not in directory and not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory!r}: no such params directory.")
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      return ckptr.restore(directory, abstract)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{directory!r}: the saved params do not match the model's structure "
+                       f"({str(e).splitlines()[0][:200]}).") from e

@@ -122,3 +122,18 @@ def epsilon_model_as_velocity(eps_apply_fn: Callable, schedule) -> Callable:
     return epsilon_to_velocity(eps_apply_fn(params, x, t, *cond), x, t, schedule)
 
   return apply_fn
+
+
+def prediction_as_velocity(apply_fn: Callable, prediction: str, schedule) -> Callable:
+  """A network predicting ``prediction`` ('velocity' | 'epsilon' | 'x0') as a velocity model.
+
+  'velocity' returns ``apply_fn`` itself; 'epsilon' uses ``epsilon_to_velocity``; 'x0' (data prediction)
+  uses ``data_to_velocity``.
+  """
+  if prediction == "velocity":
+    return apply_fn
+  if prediction == "epsilon":
+    return epsilon_model_as_velocity(apply_fn, schedule)
+  if prediction == "x0":
+    return lambda params, x, t, *cond: data_to_velocity(apply_fn(params, x, t, *cond), x, t, schedule)
+  raise ValueError(f"prediction must be 'velocity', 'epsilon' or 'x0', got {prediction!r}.")

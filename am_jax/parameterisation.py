@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from am_jax.dynamics import _bcast
 
-__all__ = ["NETWORK_DTYPES", "mixed_precision", "residual_model"]
+__all__ = ["NETWORK_DTYPES", "guided", "mixed_precision", "residual_model"]
 
 
 NETWORK_DTYPES = ("float32", "bfloat16")
@@ -56,3 +56,23 @@ def residual_model(base_apply_fn: Callable, base_params, net_apply_fn: Callable,
     return v_base + out
 
   return apply_fn
+
+
+def guided(apply_fn: Callable, weight: float, null_label: int) -> Callable:
+  """Classifier-free guided velocity ``apply(params, x, t, label)`` = v_null + w (v_label - v_null).
+
+  w = 1 is the plain conditional model (returned unchanged).  Both branches run in one batched call (2B),
+  so the network is traced once per step.
+  """
+  if weight == 1.0:
+    return apply_fn
+
+  def fn(params, x, t, label):
+    b = x.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    v = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                 jnp.concatenate([label, jnp.full_like(label, null_label)]))
+    v_c, v_u = v[:b], v[b:]
+    return v_u + weight * (v_c - v_u)
+
+  return fn

@@ -86,3 +86,9 @@ def replicate_tree(tree, mesh: Mesh):
 
 def num_devices(mesh: Mesh) -> int:
   return math.prod(mesh.devices.shape)
+
+
+def to_local(tree):
+  """Host NumPy copy of a (replicated) global pytree; works when it spans several processes."""
+  import numpy as np
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from am_jax import parameterisation
 from am_jax import losses
 from am_jax import sharding as sharding_lib
+from am_jax.problem import Problem
 
 
 class TrainState(NamedTuple):
@@ -83,47 +83,34 @@ def _jit_step(step_fn, mesh, donate: bool):
                  donate_argnums=(0,) if donate else ())
 
 
-def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn: Callable,
-                       config: losses.AMConfig, optimizer: optax.GradientTransformation, x_shape,
-                       mesh=None, ema_decay: float = 0.0, cond_fn: Optional[Callable] = None,
-                       objective: Callable = losses.adjoint_matching_objective, donate: bool = True,
-                       residual: Optional[str] = None):
+def make_finetune_step(problem: Problem, objective: Callable, optimizer: optax.GradientTransformation,
+                       batch_size: int, mesh=None, ema_decay: float = 0.0, donate: bool = True):
   """Builds ``step(state, base_params) -> (state, metrics)``, one jit: sample, adjoint, loss, update.
 
   Args:
-    ft_apply_fn, base_apply_fn: ``apply_fn(params, x, t, *cond)``; the fine-tuned params are
-      ``state.params``, the frozen base params are the step's second argument (an argument, not a
-      closure constant, so they are not baked into the compiled program).
-    reward_fn: ``reward_fn(x, *cond) -> (B,)``.
-    config: AMConfig.  optimizer: optax transformation.  x_shape: (B, ...) global batch shape.
+    problem: the ``Problem`` (base and trained networks, parameterisation, reward, condition sampler).
+      The trained params are ``state.params``; the frozen base params are the step's second argument (an
+      argument, not a closure constant, so they are not baked into the compiled program).
+    objective: any method of ``am_jax.methods`` (``methods.build(name, problem.config, **options)``):
+      ``objective(ft_apply, params, base_apply, base_params, reward_fn, key, x_shape, cond, mesh=mesh)``.
+    optimizer: optax transformation of the trained params.  batch_size: global batch B.
     mesh: a ``('data',)`` mesh (``am_jax.sharding.make_mesh``) or None (single device, no constraints).
     ema_decay: 0 disables the EMA.
-    cond_fn: optional ``cond_fn(key, B) -> tuple of (B,)-arrays`` drawing the conditions (labels).
-    objective: any function with the signature of ``losses.adjoint_matching_objective``.
-    residual: None: ``ft_apply_fn`` is the whole fine-tuned model (e.g. a copy of the base net);
-      'control' / 'velocity': ``ft_apply_fn`` is a residual net and the fine-tuned velocity is
-      ``parameterisation.residual_model(base_apply_fn, base_params, ft_apply_fn, schedule, residual)``, built
-      inside the step so the base params stay a step argument.
   """
-  net_apply_fn = ft_apply_fn
+  x_shape = problem.x_shape(batch_size)
   if mesh is not None:
     sharding_lib.check_batch_divisible(x_shape[0], mesh, "finetune.batch_size")
+  cond_fn, reward_fn, base_apply = problem.cond_fn, problem.reward_fn, problem.base_apply
 
   def step_fn(state: TrainState, base_params):
     key = jax.random.fold_in(state.rng, state.step)
     k_cond, k_obj = jax.random.split(key)
     cond = tuple(sharding_lib.constrain_batch(c, mesh) for c in cond_fn(k_cond, x_shape[0])) if cond_fn else ()
-
-    if residual is None:
-      ft_apply = net_apply_fn
-    else:
-      # The base inside the residual model is a closure, so cast it here too (config.network_dtype);
-      # the objective casts the apply_fns and params it is given.
-      ft_apply = parameterisation.residual_model(parameterisation.mixed_precision(base_apply_fn, config.network_dtype), base_params,
-                                       net_apply_fn, config.schedule, residual)
+    # Built inside the step so the base params stay a step argument.
+    ft_apply = problem.finetuned_apply(base_params)
 
     def loss_fn(p):
-      return objective(ft_apply, p, base_apply_fn, base_params, reward_fn, k_obj, x_shape, config, cond, mesh=mesh)
+      return objective(ft_apply, p, base_apply, base_params, reward_fn, k_obj, x_shape, cond, mesh=mesh)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = _apply_update(state, grads, optimizer, ema_decay)
@@ -131,6 +118,11 @@ def make_finetune_step(ft_apply_fn: Callable, base_apply_fn: Callable, reward_fn
     return new_state, metrics
 
   return _jit_step(step_fn, mesh, donate)
+
+
+def eval_params(state: TrainState, ema_decay: float):
+  """The parameters to evaluate / export: the EMA when it is on, else the raw parameters."""
+  return state.ema_params if ema_decay else state.params
 
 
 def make_pretrain_step(apply_fn: Callable, schedule, optimizer: optax.GradientTransformation, batch_size: int,

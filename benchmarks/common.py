@@ -30,62 +30,65 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from am_jax import parameterisation
-from am_jax import builders, losses, models, rewards, sampling, sharding, training
+from am_jax import builders, losses, methods, models, parameterisation, sampling, sharding, training
+from am_jax.problem import Problem
 from am_jax import adjoint as adjoint_lib
 
 
-class Problem(NamedTuple):
+class Bench(NamedTuple):
+  """A benchmark setting: the library ``Problem`` (built by ``builders.build_problem``) + batch and optimizer."""
+
   cfg: ml_collections.ConfigDict
-  am_config: losses.AMConfig
-  x_shape: tuple
-  net_apply: Callable
-  params: object
-  base_apply: Callable
-  base_params: object
-  residual: Optional[str]
-  reward_fn: Callable
-  cond_fn: Optional[Callable]
+  problem: Bench
+  batch: int
   optimizer: object
 
   @property
-  def batch(self) -> int:
-    return self.x_shape[0]
+  def am_config(self) -> losses.AMConfig:
+    return self.problem.config
+
+  @property
+  def x_shape(self) -> tuple:
+    return self.problem.x_shape(self.batch)
+
+  @property
+  def params(self):
+    return self.problem.init_params
+
+  @property
+  def base_params(self):
+    return self.problem.base_params
+
+  @property
+  def reward_fn(self):
+    return self.problem.reward_fn
+
+  @property
+  def cond_fn(self):
+    return self.problem.cond_fn
 
   def ft_apply(self, base_params=None):
-    """Fine-tuned velocity ``apply(params, x, t, *cond)`` (base params closed over when residual).
-
-    Evaluated in ``am_config.network_dtype`` like the train step does (``parameterisation.mixed_precision``).
-    """
-    dtype = self.am_config.network_dtype
-    if self.residual is None:
-      return parameterisation.mixed_precision(self.net_apply, dtype)
-    bp = self.base_params if base_params is None else base_params
-    return parameterisation.mixed_precision(parameterisation.residual_model(parameterisation.mixed_precision(self.base_apply, dtype), bp,
-                                                        self.net_apply, self.am_config.schedule, self.residual), dtype)
+    """Fine-tuned velocity in ``am_config.network_dtype``, as the train step evaluates it."""
+    return parameterisation.mixed_precision(self.problem.finetuned_apply(base_params), self.am_config.network_dtype)
 
   def base_net(self):
     """The base velocity ``apply(base_params, x, t, *cond)`` in ``am_config.network_dtype``."""
-    return parameterisation.mixed_precision(self.base_apply, self.am_config.network_dtype)
+    return parameterisation.mixed_precision(self.problem.base_apply, self.am_config.network_dtype)
 
   def num_loss_steps(self) -> int:
-    c = self.am_config
-    return int(losses.select_timesteps(jax.random.PRNGKey(0), c).shape[0])
+    return int(losses.select_timesteps(jax.random.PRNGKey(0), self.am_config).shape[0])
 
 
-def _build_net(cfg, shape, seed, zero_init_output=False, fast_conv_vjp=True):
-  if cfg.model.kind == "unet" and not fast_conv_vjp:  # JAX's own conv VJPs (for before/after timings)
-    m = cfg.model
-    return models.functional(models.UNet(shape[-1], tuple(m.channels), m.time_embed_dim, m.num_classes,
-                                         zero_init_output, fast_conv_vjp=False, rngs=nnx.Rngs(seed)))
-  return builders.build_model(cfg, shape, seed, zero_init_output=zero_init_output)
+def _unet_without_fast_vjp(cfg, shape, seed, zero_init_output=False):
+  m = cfg.model  # JAX's own conv VJPs (for before/after timings)
+  return models.functional(models.UNet(shape[-1], tuple(m.channels), m.time_embed_dim, m.num_classes,
+                                       zero_init_output, fast_conv_vjp=False, rngs=nnx.Rngs(seed)))
 
 
 def build_problem(cfg, batch_size: int = 0, num_steps: int = 0, fast_conv_vjp: bool = True,
-                  **am_overrides) -> Problem:
-  """The fine-tuning problem of ``cfg`` (a configs/*.py ConfigDict); 0 keeps the config's value.
-
-  ``fast_conv_vjp=False`` builds U-Nets with JAX's own convolution VJPs (``models.UNet``);
+                  **am_overrides) -> Bench:
+  """The fine-tuning problem of ``cfg`` (a configs/*.py ConfigDict) with a randomly initialised base;
+  0 keeps the config's value.  ``fast_conv_vjp=False`` builds U-Nets with JAX's own convolution VJPs;
   ``am_overrides`` replace AMConfig fields.
   """
   cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -93,52 +96,39 @@ def build_problem(cfg, batch_size: int = 0, num_steps: int = 0, fast_conv_vjp: b
     cfg.finetune.batch_size = int(batch_size)
   if num_steps:
     cfg.am.num_steps = int(num_steps)
-  am_config = builders.build_am_config(cfg)
-  if am_overrides:
-    import dataclasses
-    am_config = dataclasses.replace(am_config, **am_overrides)
+  if cfg.model.kind == "mlp" and cfg.reward.name not in ("linear", "quadratic"):
+    raise ValueError("benchmarks: MLP configs need a linear or quadratic reward.")
+  if cfg.model.kind != "mlp":  # images: the mean pixel value (a cheap linear reward)
+    cfg.reward = dict(name="linear", c=1.0 / float(np.prod(builders.data_shape(cfg))), a=0.0, b=0.0)
+  cfg.base_checkpoint = "(random init)"
   shape = builders.data_shape(cfg)
-  x_shape = (int(cfg.finetune.batch_size),) + tuple(shape)
-  base_apply, base_params = _build_net(cfg, shape, cfg.seed, fast_conv_vjp=fast_conv_vjp)
-  param = cfg.finetune.parameterisation
-  if param == "full":
-    net_apply, params, residual = base_apply, jax.tree.map(jnp.copy, base_params), None
-  elif cfg.model.kind == "mlp":
-    net = models.MLP(shape[0], hidden=tuple(cfg.finetune.hidden), time_embed_dim=cfg.model.time_embed_dim,
-                     zero_init_output=True, rngs=nnx.Rngs(cfg.seed + 1))
-    (net_apply, params), residual = models.functional(net), param
-  else:
-    (net_apply, params), residual = _build_net(cfg, shape, cfg.seed + 1, True, fast_conv_vjp), param
-  if cfg.model.kind == "mlp":
-    reward_fn, _ = builders.build_reward(cfg, shape[0])
-  else:
-    reward_fn = rewards.linear_reward(1.0 / float(np.prod(shape)))  # mean pixel value
-  cond_fn = None
-  if cfg.model.num_classes:
-    n_cls = int(cfg.model.num_classes)
-    cond_fn = lambda key, b: (jax.random.randint(key, (b,), 0, n_cls),)  # noqa: E731
+  unet_slow = cfg.model.kind == "unet" and not fast_conv_vjp
+  base_apply, base_params = (_unet_without_fast_vjp(cfg, shape, cfg.seed) if unet_slow
+                             else builders.build_velocity_model(cfg, shape, cfg.seed))
+  problem = builders.build_problem(cfg, base_apply, base_params)
+  if unet_slow and problem.parameterisation != "full":
+    net_apply, params = _unet_without_fast_vjp(cfg, shape, cfg.seed + 1, True)
+    problem = problem.replace(net_apply=net_apply, init_params=params)
+  elif unet_slow:
+    problem = problem.replace(net_apply=base_apply)
+  if am_overrides:
+    problem = problem.with_config(**am_overrides)
   optimizer = builders.build_optimizer(cfg, "finetune.optimizer", cfg.finetune.steps)
-  return Problem(cfg, am_config, x_shape, net_apply, params, base_apply, base_params, residual, reward_fn, cond_fn,
-                 optimizer)
+  return Bench(cfg, problem, int(cfg.finetune.batch_size), optimizer)
 
 
-def make_step(problem: Problem, mesh=None, config: Optional[losses.AMConfig] = None, donate: bool = True):
-  """The jitted fine-tune step of ``experiments/finetune.py`` (``training.make_finetune_step``)."""
-  return training.make_finetune_step(problem.net_apply, problem.base_apply, problem.reward_fn,
-                                     config or problem.am_config, problem.optimizer, problem.x_shape, mesh,
-                                     float(problem.cfg.finetune.ema_decay), cond_fn=problem.cond_fn,
-                                     residual=problem.residual, donate=donate)
+def make_step(bench: Bench, mesh=None, config: Optional[losses.AMConfig] = None, donate: bool = True):
+  """The jitted fine-tune step of ``am-jax finetune`` (``training.make_finetune_step``) with AM."""
+  problem = bench.problem if config is None else bench.problem.replace(config=config)
+  return training.make_finetune_step(problem, methods.am(problem.config), bench.optimizer, bench.batch, mesh,
+                                     float(bench.cfg.finetune.ema_decay), donate=donate)
 
 
-def init_state(problem: Problem, mesh=None):
-  state = training.init_state(problem.params, problem.optimizer, problem.cfg.seed)
+def init_state(bench: Bench, mesh=None):
+  state = training.init_state(bench.params, bench.optimizer, bench.cfg.seed)
   if mesh is not None:
-    return sharding.replicate_tree(state, mesh), sharding.replicate_tree(problem.base_params, mesh)
-  return state, jax.tree.map(jnp.asarray, problem.base_params)
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing
+    return sharding.replicate_tree(state, mesh), sharding.replicate_tree(bench.base_params, mesh)
+  return state, jax.tree.map(jnp.asarray, bench.base_params)
 
 
 def compile_timed(jitted, *args):
@@ -222,7 +212,7 @@ def memory_stats(compiled) -> dict:
 # The pieces of one step, jitted separately with the step's shapes
 
 
-def make_pieces(problem: Problem, config: Optional[losses.AMConfig] = None):
+def make_pieces(problem: Bench, config: Optional[losses.AMConfig] = None):
   """Jitted (sample, adjoint, loss_update) with exactly the work of the corresponding step parts.
 
   sample(params, base_params, key, cond) -> traj; adjoint(traj, base_params, cond) -> (adj, rewards);
@@ -258,7 +248,7 @@ def make_pieces(problem: Problem, config: Optional[losses.AMConfig] = None):
   return jax.jit(sample), jax.jit(adjoint), jax.jit(loss_update)
 
 
-def piece_runners(problem: Problem, state, base_params, config=None) -> dict:
+def piece_runners(problem: Bench, state, base_params, config=None) -> dict:
   """{'sample', 'adjoint', 'loss_update'} -> zero-argument runners of the compiled pieces."""
   sample, adjoint, loss_update = make_pieces(problem, config)
   key = jax.random.PRNGKey(1)
@@ -270,7 +260,7 @@ def piece_runners(problem: Problem, state, base_params, config=None) -> dict:
           "loss_update": lambda: loss_update(state, base_params, traj, adj, rew, key, cond)[1]}
 
 
-def time_pieces(problem: Problem, state, base_params, config=None, warm: int = 3, iters: int = 20) -> dict:
+def time_pieces(problem: Bench, state, base_params, config=None, warm: int = 3, iters: int = 20) -> dict:
   return {k: median_time(r, warm, iters) for k, r in piece_runners(problem, state, base_params, config).items()}
 
 
@@ -278,7 +268,7 @@ def time_pieces(problem: Problem, state, base_params, config=None, warm: int = 3
 # The floor
 
 
-def make_floor(problem: Problem, num_steps: Optional[int] = None, num_loss_steps: Optional[int] = None,
+def make_floor(problem: Bench, num_steps: Optional[int] = None, num_loss_steps: Optional[int] = None,
                parts=("forward", "vjp", "loss")):
   """Jitted ``floor(params, base_params, x0, cond) -> outputs``: the network work of one step, no solver.
 
@@ -332,7 +322,7 @@ def make_floor(problem: Problem, num_steps: Optional[int] = None, num_loss_steps
   return jax.jit(floor)
 
 
-def floor_runner(problem: Problem, params, base_params, **kw):
+def floor_runner(problem: Bench, params, base_params, **kw):
   """(run, compile_s) of the floor (``make_floor`` keyword arguments)."""
   floor = make_floor(problem, **kw)
   x0 = jax.random.normal(jax.random.PRNGKey(3), problem.x_shape, jnp.float32)
@@ -341,7 +331,7 @@ def floor_runner(problem: Problem, params, base_params, **kw):
   return (lambda: compiled(params, base_params, x0, cond)), t_compile
 
 
-def time_floor(problem: Problem, params, base_params, warm: int = 3, iters: int = 20, **kw) -> dict:
+def time_floor(problem: Bench, params, base_params, warm: int = 3, iters: int = 20, **kw) -> dict:
   run, t_compile = floor_runner(problem, params, base_params, **kw)
   out = median_time(run, warm, iters)
   out["compile_s"] = t_compile

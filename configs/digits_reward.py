@@ -14,6 +14,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.data = dict(name="digits")  # or "mnist" (28x28)
   c.classifiers = dict(
       A=dict(arch="small_cnn", seed=1),
       B=dict(arch="wide_cnn", seed=2))

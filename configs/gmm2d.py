@@ -34,6 +34,7 @@ def get_config():
 
   # Reward r(x) = -x^T A x / 2 + b^T x, with A = a I.
   c.reward = dict(name="quadratic", a=0.5, b=(1.0, 0.5), c=0.0)
+  c.name = "gmm2d"
 
   # Adjoint Matching (paper values except loss_clip; BUILD_NOTES.md section 4).
   c.am = dict(reward_multiplier=1.0, num_steps=40, time_offset=0.5, noiseless_last_step=True,
@@ -42,12 +43,18 @@ def get_config():
               # Memory / precision options (BUILD_NOTES.md section 12); the defaults store everything in float32.
               remat_segments=0, chunk_loss=False, network_dtype="float32")
 
+  # The fine-tuning method: am_jax.methods.build(name, AMConfig, **options) with name in am, eam, draft, refl, ...
+  # and options as "key=value,key=value" (Python literals), e.g. --config.method.options="num_times=8,weights='exact'".
+  c.method = dict(name="am", options="")
+
   c.finetune = dict(
-      steps=1000, batch_size=256, parameterisation="control", hidden=(64, 64), ema_decay=0.0, log_every=100,
+      steps=1000, batch_size=256, parameterisation="control", hidden=(64, 64), lora_rank=4, ema_decay=0.0,
+      log_every=100, cond="",
       optimizer=dict(name="adam", learning_rate=1e-3, warmup_steps=0, decay="constant", grad_clip=0.0,
                      weight_decay=0.0))
   c.checkpoint = dict(every_steps=250, max_to_keep=3, async_save=True)
   c.mesh = dict(num_devices=-1)  # -1: every device of every host
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
-  c.eval = dict(num_samples=20_000, num_steps=0)  # num_steps 0: the training grid (am.num_steps)
+  # num_steps 0: the training grid (am.num_steps); every > 0: log the rewards on a fixed batch every N steps.
+  c.eval = dict(num_samples=20_000, num_steps=0, every=0, watch_samples=256)
   return c
