@@ -132,7 +132,9 @@ def build_finetune_problem(cfg, workdir: str, mesh=None) -> Problem:
     with cfg.unlocked():
       cfg.base_checkpoint = base_dir
   base_apply, base_params = builders.load_base(cfg, mesh)
-  return builders.build_problem(cfg, base_apply, base_params)
+  problem = builders.build_problem(cfg, base_apply, base_params)
+  problem.check_shapes(int(cfg.finetune.batch_size))
+  return problem
 
 
 def finetune(cfg, workdir: str, stop_after: Optional[int] = None, return_state: bool = False):

@@ -31,6 +31,8 @@ and the selected times.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Callable, NamedTuple, Optional
 
 import chex
@@ -76,6 +78,9 @@ class AMConfig:
   network_dtype: str = "float32"
 
   def __post_init__(self):
+    lam = self.reward_multiplier
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam <= 0:
+      raise ValueError(f"AMConfig.reward_multiplier (lambda) must be a finite number > 0, got {lam!r}.")
     if self.num_steps < 1:
       raise ValueError(f"AMConfig.num_steps must be >= 1, got {self.num_steps}.")
     if not 0.0 < self.time_offset <= 1.0:

@@ -22,11 +22,11 @@ def main():
   port, pid, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
   cfg = tiny_config(**{"distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
                        "distributed.num_processes": 2, "distributed.process_id": pid})
-  from experiments import common, finetune
-  common.maybe_initialize_distributed(cfg)
+  from am_jax import jobs, launch
+  launch.maybe_initialize_distributed(cfg)
   assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.device_count())
   from am_jax import checkpointing, sharding, training
-  summary, state = finetune.run(cfg, workdir, return_state=True)
+  summary, state, _ = jobs.finetune(cfg, workdir, return_state=True)
   final = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
   # Orbax restore onto the global mesh, independently of the run.
   mesh = sharding.make_mesh(-1)

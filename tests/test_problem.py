@@ -120,3 +120,14 @@ def test_finetune_step_from_problem_compiles_once_and_learns():
   assert step._cache_size() == 1
   assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
   chex.assert_trees_all_equal_shapes(state.params, problem.init_params)
+
+
+def test_check_shapes_names_the_function():
+  problem, _ = _problem()
+  problem.check_shapes(8)
+  with pytest.raises(ValueError, match=r"reward_fn returned shape \(8, 2\); expected \(8,\)"):
+    problem.replace(reward_fn=lambda x: x).check_shapes(8)
+  with pytest.raises(ValueError, match=r"base_apply returned a velocity of shape \(8, 1\)"):
+    problem.replace(base_apply=lambda p, x, t: x[:, :1]).check_shapes(8)
+  with pytest.raises(ValueError, match="gold_rewards\\['g'\\] failed"):
+    problem.replace(gold_rewards={"g": lambda x, y: x}).check_shapes(8)
