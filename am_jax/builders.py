@@ -28,8 +28,7 @@ from am_jax import training
 from am_jax.problem import Problem
 
 
-class ConfigError(ValueError):
-  """An invalid configuration value; the message names the field."""
+from am_jax.errors import ConfigError  # re-exported: builders.ConfigError
 
 
 def _get(cfg, path: str):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from am_jax import losses
 from am_jax import parameterisation as param_lib
 from am_jax import sampling
+from am_jax.errors import ShapeError
 
 __all__ = ["PARAMETERISATIONS", "Problem"]
 
@@ -151,20 +152,20 @@ class Problem:
 
   def check_shapes(self, batch: int) -> None:
     """Traces (``jax.eval_shape``: no compute) the base, the fine-tuned model and every reward on a batch
-    and raises ONE-line ValueErrors naming the function and the expected shape, before any training."""
+    and raises ONE-line ``errors.ShapeError``s naming the function and the expected shape, before any training."""
     x = jax.ShapeDtypeStruct(self.x_shape(batch), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.float32)
     cond = jax.eval_shape(self.cond_fn, jax.random.PRNGKey(0), batch) if self.cond_fn is not None else ()
     cond = tuple(cond)
     for c in cond:
       if c.shape[:1] != (batch,):
-        raise ValueError(f"cond_fn returned a condition of shape {c.shape}; expected a leading batch axis {batch}.")
+        raise ShapeError(f"cond_fn returned a condition of shape {c.shape}; expected a leading batch axis {batch}.")
 
     def shape_of(what, fn, *args):
       try:
         out = jax.eval_shape(fn, *args)
       except Exception as e:  # noqa: BLE001  (report which function failed, in one line)
-        raise ValueError(f"{what} failed on x {x.shape}, t {t.shape}, cond {[c.shape for c in cond]}: "
+        raise ShapeError(f"{what} failed on x {x.shape}, t {t.shape}, cond {[c.shape for c in cond]}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
       return getattr(out, "shape", None)
 
@@ -172,13 +173,13 @@ class Problem:
                              ("fine-tuned model", self.finetuned_apply(), self.init_params)):
       got = shape_of(what, fn, params, x, t, *cond)
       if got != x.shape:
-        raise ValueError(f"{what} returned a velocity of shape {got}; expected {x.shape} (the shape of x).")
+        raise ShapeError(f"{what} returned a velocity of shape {got}; expected {x.shape} (the shape of x).")
     rewards = {"reward_fn": self.reward_fn, **{f"reward_terms[{n!r}]": f for n, f in self.reward_terms.items()},
                **{f"gold_rewards[{n!r}]": f for n, f in self.gold_rewards.items()}}
     for what, fn in rewards.items():
       got = shape_of(what, fn, x, *cond)
       if got != (batch,):
-        raise ValueError(f"{what} returned shape {got}; expected ({batch},): one reward per sample.")
+        raise ShapeError(f"{what} returned shape {got}; expected ({batch},): one reward per sample.")
 
   # -------------------------------------------------------------------------------------- sampling
   def sample(self, params, key, num: int, diffusion="ode", num_steps: Optional[int] = None, cond=None,
