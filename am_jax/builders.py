@@ -25,10 +25,8 @@ from am_jax import rewards as rewards_lib
 from am_jax import schedules as schedules_lib
 from am_jax import sharding as sharding_lib
 from am_jax import training
-from am_jax.problem import Problem
-
-
 from am_jax.errors import ConfigError  # re-exported: builders.ConfigError
+from am_jax.problem import Problem
 
 
 def _get(cfg, path: str):
