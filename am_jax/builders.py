@@ -149,8 +149,7 @@ def validate_model(cfg):
   else:
     for f in ("patch_size", "width", "depth", "num_heads"):
       require(cfg, f"model.{f}", _positive_int, "a positive integer")
-  require(cfg, "model.time_embed_dim", lambda v: _positive_int(v) and v % 2 == 0, "a positive even integer") \
-      if kind != "transformer" else None
+  require(cfg, "model.time_embed_dim", lambda v: _positive_int(v) and v % 2 == 0, "a positive even integer")
   require(cfg, "model.num_classes", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
 
 
@@ -185,8 +184,12 @@ def build_model(cfg, data_shape, seed: int, zero_init_output: bool = False):
     from am_jax import transformer
     if len(data_shape) != 3 or any(s % m.patch_size for s in data_shape[:2]):
       raise ConfigError(f"config.model.patch_size = {m.patch_size}: must divide the image size {data_shape[:2]}.")
-    net = transformer.DiT(data_shape, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
-                          num_classes=m.num_classes, zero_init_output=zero_init_output, rngs=nnx.Rngs(seed))
+    if data_shape[0] != data_shape[1]:
+      raise ConfigError(f"config.model.kind = 'transformer' needs square images, got samples of shape {data_shape}.")
+    net = transformer.DiT(image_size=data_shape[0], in_channels=data_shape[-1], patch_size=m.patch_size,
+                          width=m.width, depth=m.depth, num_heads=m.num_heads,
+                          time_embed_dim=m.get("time_embed_dim", 64), num_classes=m.num_classes,
+                          zero_init_output=zero_init_output, rngs=nnx.Rngs(seed))
   return models.functional(net)
 
 
@@ -242,13 +245,20 @@ def build_reward(cfg, sample_shape) -> tuple:
   validate_reward(cfg)
   name = cfg.reward.name
   dim = int(np.prod(sample_shape))
+  def vector(field, shape):
+    value = _get(cfg, field)
+    if np.ndim(value) == 0 or np.shape(value) == shape:
+      return jnp.broadcast_to(jnp.asarray(value, jnp.float32), shape)
+    raise ConfigError(f"config.{field} has shape {np.shape(value)}: must be a scalar or of shape {shape} "
+                      f"(samples of shape {tuple(sample_shape)}).")
+
   if name == "linear":
-    c = jnp.broadcast_to(jnp.asarray(cfg.reward.c, jnp.float32), (dim,))
+    c = vector("reward.c", (dim,))
     return rewards_lib.linear_reward(c), lambda m, lam: gmm_lib.tilt_linear(m, lam * c)
   if name == "quadratic":
     a = cfg.reward.a
-    a_mat = jnp.asarray(a, jnp.float32) * (jnp.eye(dim) if np.ndim(a) == 0 else 1.0)
-    b_vec = jnp.broadcast_to(jnp.asarray(cfg.reward.b, jnp.float32), (dim,))
+    a_mat = jnp.eye(dim) * float(a) if np.ndim(a) == 0 else vector("reward.a", (dim, dim))
+    b_vec = vector("reward.b", (dim,))
     return (rewards_lib.quadratic_reward(a_mat, b_vec),
             lambda m, lam: gmm_lib.tilt_quadratic(m, lam * a_mat, lam * b_vec))
   if name == "ink":
@@ -474,6 +484,8 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
         if "num_steps" in cfg.eval else None
   am_config = build_am_config(cfg)
   validate_reward(cfg)
+  if cfg.reward.name in ("linear", "quadratic"):
+    build_reward(cfg, data_shape(cfg))  # checks the coefficient shapes against the samples
   build_cond_fn(cfg)
   if "method" in cfg:
     build_method(cfg, am_config)
@@ -494,6 +506,7 @@ def validate_pretrain(cfg):
   require(cfg, "pretrain.batch_size", _positive_int, "a positive integer")
   require(cfg, "pretrain.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")
   require(cfg, "pretrain.log_every", _positive_int, "a positive integer")
-  require(cfg, "pretrain.cond_drop_prob", lambda v: 0 <= v < 1, "in [0, 1)") if "cond_drop_prob" in cfg.pretrain else None
+  if "cond_drop_prob" in cfg.pretrain:
+    require(cfg, "pretrain.cond_drop_prob", lambda v: 0 <= v < 1, "in [0, 1)")
   validate_optimizer(cfg, "pretrain.optimizer")
   validate_checkpoint(cfg, "pretrain.checkpoint")

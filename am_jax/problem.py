@@ -155,7 +155,7 @@ class Problem:
     and raises ONE-line ``errors.ShapeError``s naming the function and the expected shape, before any training."""
     x = jax.ShapeDtypeStruct(self.x_shape(batch), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.float32)
-    cond = jax.eval_shape(self.cond_fn, jax.random.PRNGKey(0), batch) if self.cond_fn is not None else ()
+    cond = jax.eval_shape(lambda k: self.cond_fn(k, batch), jax.random.PRNGKey(0)) if self.cond_fn is not None else ()
     cond = tuple(cond)
     for c in cond:
       if c.shape[:1] != (batch,):
