@@ -474,6 +474,7 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
   validate_checkpoint(cfg, "checkpoint")
   require(cfg, "mesh.num_devices", lambda v: isinstance(v, int) and (v == -1 or v > 0), "-1 (all) or > 0")
   if num_devices is None:
+    validate_mesh(cfg)
     num_devices = jax.device_count() if cfg.mesh.num_devices == -1 else cfg.mesh.num_devices
   if batch % num_devices:
     raise ConfigError(f"config.finetune.batch_size = {batch}: must be divisible by the {num_devices} devices "
@@ -493,6 +494,14 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
     validate_pretrain(cfg)
 
 
+def validate_mesh(cfg):
+  """``mesh.num_devices``: -1 (every device) or at most the devices JAX sees."""
+  n = require(cfg, "mesh.num_devices", lambda v: isinstance(v, int) and (v == -1 or v > 0), "-1 (all) or > 0")
+  if n > jax.device_count():
+    raise ConfigError(f"config.mesh.num_devices = {n}: only {jax.device_count()} device(s) visible "
+                      f"({jax.devices()[0].platform}); use -1 for all of them.")
+
+
 def validate_checkpoint(cfg, path: str):
   require(cfg, f"{path}.every_steps", _positive_int, "a positive integer")
   require(cfg, f"{path}.max_to_keep", _positive_int, "a positive integer")
@@ -502,6 +511,7 @@ def validate_pretrain(cfg):
   validate_data(cfg)
   validate_model(cfg)
   build_schedule(cfg)
+  validate_mesh(cfg)
   require(cfg, "pretrain.steps", _positive_int, "a positive integer")
   require(cfg, "pretrain.batch_size", _positive_int, "a positive integer")
   require(cfg, "pretrain.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")

@@ -144,6 +144,7 @@ def finetune(cfg, workdir: str, stop_after: Optional[int] = None, return_state: 
   ``return_state``: also return the final TrainState and the Problem (``(summary, state, problem)``).
   """
   t_start = time.perf_counter()
+  builders.validate_finetune(cfg)  # every field, before any device or file work
   mesh = sharding.make_mesh(cfg.mesh.num_devices)
   fc = cfg.finetune
   problem = build_finetune_problem(cfg, workdir, mesh)
