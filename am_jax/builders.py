@@ -291,7 +291,8 @@ def load_classifier(directory: str, name: str):
                             "(experiments/train_reward.py).")
   with open(os.path.join(d, "config.json")) as f:
     info = json.load(f)
-  apply_fn, features_fn, params = classifiers.functional(classifiers.build(info["arch"], info["seed"]))
+  net = classifiers.build(info["arch"], info["seed"], image_size=int(info.get("image_size", 8)))
+  apply_fn, features_fn, params = classifiers.functional(net)
   params = checkpointing.load_params(os.path.join(d, "params"), params)
   return apply_fn, features_fn, params, info
 

@@ -1,20 +1,23 @@
 """Digit classifiers (Flax NNX), reward functions built from them, and sample-quality metrics.
 
-Two architectures so the fine-tuning reward (classifier A) and the held-out evaluator (classifier
-B) do not share weights, inductive biases or seeds -- a fine-tuned model that merely exploits A's
-blind spots shows up as a gap between A's and B's scores.
+Two architectures so the fine-tuning reward (classifier A) and the held-out "gold" evaluator
+(classifier B) do not share weights, inductive biases or seeds -- a fine-tuned model that merely
+exploits A's blind spots shows up as a gap between A's and B's scores.  Both take ``image_size``
+(8: sklearn digits, the original layers exactly; 28: MNIST, ``am_jax.data.mnist``):
 
-* ``SmallCNN`` (A): conv3x3(16) - conv3x3(32) - avgpool2 - dense(64) [features] - dense(10).
+* ``SmallCNN`` (A): conv3x3(16) - conv3x3(32) - avgpool2 [- avgpool2 while the side is > 8] -
+  dense(64) [features] - dense(10).  8x8 -> 4x4x32; 28x28 -> 7x7x32.
 * ``WideCNN`` (B): conv3x3(32) - conv3x3(32) - avgpool2 - conv3x3(64) - avgpool2 - dense(128)
-  [features] - dense(10), LayerNorm'd features.
+  [features] - dense(10), LayerNorm'd features.  8x8 -> 2x2x64; 28x28 -> 7x7x64.
 
-Both are used through ``functional(model) -> (apply_fn, params)`` with ``apply_fn(params, x) ->
-logits (B, 10)`` and ``features(params, x) -> (B, F)`` (penultimate layer) built from the same
-graphdef.  Images are (B, 8, 8, 1) in [-1, 1] (``am_jax.data.digits``).
+Both are used through ``functional(model) -> (apply_fn, features_fn, params)`` with ``apply_fn(params, x)
+-> logits (B, 10)`` and ``features_fn(params, x) -> (B, F)`` (penultimate layer) built from the same
+graphdef.  Images are (B, S, S, 1) in [-1, 1] (``am_jax.data.digits`` / ``am_jax.data.mnist``).
 
-Rewards are pure ``reward_fn(x, *cond) -> (B,)`` (the signature of ``losses.AMConfig`` users).
-Metrics: Fréchet distance between Gaussian fits of two feature sets (matrix square root via
-``eigh`` of symmetric PSD matrices, no scipy) and within-condition diversity.
+Rewards are pure ``reward_fn(x, *cond) -> (B,)`` (the signature of ``losses.AMConfig`` users); they
+work for any image size the classifier was built for.  Metrics: Fréchet distance between Gaussian
+fits of two feature sets (matrix square root via ``eigh`` of symmetric PSD matrices, no scipy) and
+within-condition diversity.
 """
 from __future__ import annotations
 
@@ -25,22 +28,43 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+__all__ = ["NUM_CLASSES", "ARCHS", "SmallCNN", "WideCNN", "build", "functional", "cross_entropy",
+           "target_class_reward", "prompt_consistency_reward", "ink_reward", "centring_reward",
+           "frechet_distance_gaussians", "frechet_distance", "diversity"]
+
 NUM_CLASSES = 10
 ARCHS = ("small_cnn", "wide_cnn")
 
 
-class SmallCNN(nnx.Module):
-  """(B, 8, 8, 1) -> logits (B, 10); ``features`` is the 64-d penultimate activation."""
+def _check_size(image_size) -> int:
+  if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 4:
+    raise ValueError(f"classifier image_size must be an integer >= 4, got {image_size!r}.")
+  return int(image_size)
 
-  def __init__(self, *, rngs: nnx.Rngs):
+
+def _check_input(x, image_size: int):
+  if x.ndim != 4 or x.shape[1:] != (image_size, image_size, 1):
+    raise ValueError(f"classifier built for images ({image_size}, {image_size}, 1), got x of shape {x.shape}.")
+
+
+class SmallCNN(nnx.Module):
+  """(B, S, S, 1) -> logits (B, 10); ``features`` is the 64-d penultimate activation."""
+
+  def __init__(self, image_size: int = 8, *, rngs: nnx.Rngs):
+    self.image_size = _check_size(image_size)
+    side, self.num_pools = image_size // 2, 1
+    while side > 8:  # 28 -> 14 -> 7: keeps the dense layer small on MNIST; 8x8 digits pool once as before
+      side, self.num_pools = side // 2, self.num_pools + 1
     self.c1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
     self.c2 = nnx.Conv(16, 32, (3, 3), rngs=rngs)
-    self.d1 = nnx.Linear(4 * 4 * 32, 64, rngs=rngs)
+    self.d1 = nnx.Linear(side * side * 32, 64, rngs=rngs)
     self.out = nnx.Linear(64, NUM_CLASSES, rngs=rngs)
 
   def features(self, x):
+    _check_input(x, self.image_size)
     h = nnx.silu(self.c2(nnx.silu(self.c1(x))))
-    h = nnx.avg_pool(h, (2, 2), (2, 2))  # (B, 4, 4, 32)
+    for _ in range(self.num_pools):
+      h = nnx.avg_pool(h, (2, 2), (2, 2))  # (B, 4, 4, 32) on 8x8, (B, 7, 7, 32) on 28x28
     return nnx.silu(self.d1(h.reshape(h.shape[0], -1)))
 
   def __call__(self, x):
@@ -48,31 +72,35 @@ class SmallCNN(nnx.Module):
 
 
 class WideCNN(nnx.Module):
-  """(B, 8, 8, 1) -> logits (B, 10); ``features`` is the 128-d (LayerNorm'd) penultimate activation."""
+  """(B, S, S, 1) -> logits (B, 10); ``features`` is the 128-d (LayerNorm'd) penultimate activation."""
 
-  def __init__(self, *, rngs: nnx.Rngs):
+  def __init__(self, image_size: int = 8, *, rngs: nnx.Rngs):
+    self.image_size = _check_size(image_size)
+    side = image_size // 2 // 2
     self.c1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
     self.c2 = nnx.Conv(32, 32, (3, 3), rngs=rngs)
     self.c3 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
-    self.d1 = nnx.Linear(2 * 2 * 64, 128, rngs=rngs)
+    self.d1 = nnx.Linear(side * side * 64, 128, rngs=rngs)
     self.norm = nnx.LayerNorm(128, rngs=rngs)
     self.out = nnx.Linear(128, NUM_CLASSES, rngs=rngs)
 
   def features(self, x):
+    _check_input(x, self.image_size)
     h = nnx.gelu(self.c2(nnx.gelu(self.c1(x))))
-    h = nnx.avg_pool(h, (2, 2), (2, 2))  # (B, 4, 4, 32)
-    h = nnx.avg_pool(nnx.gelu(self.c3(h)), (2, 2), (2, 2))  # (B, 2, 2, 64)
+    h = nnx.avg_pool(h, (2, 2), (2, 2))  # (B, 4, 4, 32) on 8x8, (B, 14, 14, 32) on 28x28
+    h = nnx.avg_pool(nnx.gelu(self.c3(h)), (2, 2), (2, 2))  # (B, 2, 2, 64) on 8x8, (B, 7, 7, 64) on 28x28
     return self.norm(nnx.gelu(self.d1(h.reshape(h.shape[0], -1))))
 
   def __call__(self, x):
     return self.out(self.features(x))
 
 
-def build(arch: str, seed: int) -> nnx.Module:
+def build(arch: str, seed: int, image_size: int = 8) -> nnx.Module:
+  """Classifier ``arch`` (one of ``ARCHS``) for (S, S, 1) images, S = ``image_size``, initialised from ``seed``."""
   if arch == "small_cnn":
-    return SmallCNN(rngs=nnx.Rngs(seed))
+    return SmallCNN(image_size, rngs=nnx.Rngs(seed))
   if arch == "wide_cnn":
-    return WideCNN(rngs=nnx.Rngs(seed))
+    return WideCNN(image_size, rngs=nnx.Rngs(seed))
   raise ValueError(f"classifier arch must be one of {ARCHS}, got {arch!r}.")
 
 
@@ -90,7 +118,7 @@ def functional(model: nnx.Module):
 
 
 def cross_entropy(apply_fn: Callable, params, x, y):
-  """Mean softmax cross-entropy; x (B, 8, 8, 1), y (B,) int."""
+  """Mean softmax cross-entropy; x (B, S, S, 1), y (B,) int."""
   logp = jax.nn.log_softmax(apply_fn(params, x))
   return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
 
@@ -130,7 +158,8 @@ def prompt_consistency_reward(apply_fn: Callable, params) -> Callable:
 def ink_reward(x, *cond):
   """Stroke-thickness reward: mean ink in [0, 1] per image, (B,).  Differentiable, classifier-free.
 
-  Pixels are in [-1, 1] with -1 = blank, so ink = (x + 1) / 2 averaged over the 64 pixels.
+  Pixels are in [-1, 1] with -1 = blank, so ink = (x + 1) / 2 averaged over the pixels.  It grows with
+  the digit's size as well as its stroke width; ``rewards.stroke_thickness`` measures width only.
   """
   del cond
   return jnp.mean((x + 1.0) * 0.5, axis=tuple(range(1, x.ndim)))

@@ -36,7 +36,8 @@ def _split(cfg, split: str):
 
 def train_classifier(arch: str, seed: int, tc, x_train, y_train, x_test, y_test):
   """Trains one classifier with noise augmentation; returns (apply_fn, features_fn, params, test_acc, seconds)."""
-  apply_fn, features_fn, params = classifiers.functional(classifiers.build(arch, seed))
+  image_size = int(x_train.shape[1])
+  apply_fn, features_fn, params = classifiers.functional(classifiers.build(arch, seed, image_size=image_size))
   opt = optax.adamw(optax.cosine_decay_schedule(tc.learning_rate, tc.steps), weight_decay=tc.weight_decay)
   opt_state = opt.init(params)
   xs, ys = jnp.asarray(x_train), jnp.asarray(y_train)
@@ -73,7 +74,8 @@ def train_reward_classifiers(cfg, workdir: str) -> dict:
   summary = {}
   for name, cc in cfg.classifiers.items():
     _, _, params, acc, seconds = train_classifier(cc.arch, cc.seed, cfg.train, x_train, y_train, x_test, y_test)
-    info = dict(arch=cc.arch, seed=cc.seed, test_accuracy=acc, train_seconds=seconds, train=cfg.train.to_dict())
+    info = dict(arch=cc.arch, seed=cc.seed, image_size=int(x_train.shape[1]), test_accuracy=acc,
+                train_seconds=seconds, train=cfg.train.to_dict())
     builders.save_classifier(workdir, name, params, info)
     summary[f"{name}_test_accuracy"] = acc
     summary[f"{name}_train_seconds"] = seconds

@@ -219,8 +219,9 @@ class _RewardWatch:
   def __call__(self, params, step: int) -> dict:
     out = {k: float(v) for k, v in self._report(params).items()}
     if self.monitor is not None:
-      trained = {k: v for k, v in out.items() if k.startswith("reward")}
-      gold = {k: v for k, v in out.items() if k.startswith("gold/")}
+      # Each gold reward watches the trained term of the same name (or the whole training reward).
+      gold = {k[len("gold/"):]: v for k, v in out.items() if k.startswith("gold/")}
+      trained = {name: out.get(f"reward/{name}", out["reward"]) for name in gold}
       for w in self.monitor.update(step, trained, gold):
         reporting.warn(w)
     return out

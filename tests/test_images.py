@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from am_jax import classifiers
 
@@ -52,7 +53,9 @@ def test_diversity():
 
 @pytest.mark.parametrize("arch", classifiers.ARCHS)
 def test_reward_shapes_and_grads(arch):
-  apply_fn, feat_fn, params = classifiers.functional(classifiers.build(arch, 0))
+  apply_fn, feat_fn, abstract = classifiers.functional(nnx.eval_shape(lambda: classifiers.build(arch, 0)))
+  rng = np.random.default_rng(0)  # host-drawn weights: eager NNX init compiles one program per leaf shape
+  params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape).astype(np.float32)), abstract)
   x = jax.random.uniform(jax.random.PRNGKey(0), (6, 8, 8, 1), minval=-1, maxval=1)
   labels = jnp.array([0, 1, 2, 3, 9, 10], jnp.int32)  # 10: the null label
   assert apply_fn(params, x).shape == (6, 10)
