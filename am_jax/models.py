@@ -18,14 +18,13 @@ gradient is computed with an explicitly flipped and transposed (HWIO) kernel.  I
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from am_jax.dynamics import _bcast
 
 
 def sinusoidal_embedding(t, dim: int, max_period: float = 10000.0):

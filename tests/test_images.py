@@ -1,8 +1,4 @@
-"""Issue 4: classifier rewards, Fréchet distance, and a tiny end-to-end digits pipeline.
-
-pre-train (few steps) -> train classifiers A/B -> AM fine-tune (2 lambdas, few steps) -> evaluate.
-"""
-import json
+"""Classifier rewards, Fréchet distance and diversity (the pipeline: tests/integration/test_digits_pipeline.py)."""
 import os
 import sys
 
@@ -71,62 +67,3 @@ def test_reward_shapes_and_grads(arch):
   assert bool(jnp.all(vals_grads[1][0] <= 0))
   np.testing.assert_allclose(classifiers.ink_reward(-jnp.ones((2, 8, 8, 1))), 0.0)
   np.testing.assert_allclose(classifiers.ink_reward(jnp.ones((2, 8, 8, 1))), 1.0)
-
-
-def test_tiny_pipeline(tmp_path):
-  from configs import digits_finetune, digits_pretrain, digits_reward
-  from experiments import evaluate, finetune_images, pretrain, train_reward
-
-  pc = digits_pretrain.get_config()
-  pc.model.channels = (8, 16)
-  pc.model.time_embed_dim = 16
-  pc.pretrain.steps = 6
-  pc.pretrain.batch_size = 16
-  pc.pretrain.log_every = 3
-  pc.pretrain.checkpoint.every_steps = 3
-  pc.mesh.num_devices = 1
-  base_dir = str(tmp_path / "base")
-  pretrain.run(pc, base_dir)
-
-  rc = digits_reward.get_config()
-  rc.train.steps = 5
-  rc.train.batch_size = 16
-  rc.train.log_every = 5
-  reward_dir = str(tmp_path / "reward")
-  summary = train_reward.run(rc, reward_dir)
-  assert 0.0 <= summary["A_test_accuracy"] <= 1.0
-  for name in ("A", "B"):
-    assert os.path.isfile(os.path.join(reward_dir, name, "config.json"))
-  apply_b, feat_b, params_b, info = train_reward.load_classifier(reward_dir, "B")
-  assert info["arch"] == "wide_cnn" and apply_b(params_b, jnp.zeros((2, 8, 8, 1))).shape == (2, 10)
-
-  fc = digits_finetune.get_config()
-  fc.base_checkpoint, fc.reward_checkpoint = base_dir, reward_dir
-  fc.lambdas = (1.0, 3.0)
-  fc.am.num_steps = 4
-  fc.am.num_random_timesteps = 1
-  fc.am.num_last_timesteps = 1
-  fc.finetune.steps = 2
-  fc.finetune.batch_size = 4
-  fc.finetune.log_every = 1
-  fc.eval.samples_per_class = 3
-  fc.eval.num_steps = 4
-  fc.eval.grid_per_class = 2
-  ft_dir = str(tmp_path / "ft")
-  out = finetune_images.run(fc, ft_dir)
-  assert set(out) == {"lam_1", "lam_3"}
-  for lam in ("lam_1", "lam_3"):
-    rows = [json.loads(line) for line in open(os.path.join(ft_dir, lam, "metrics.jsonl"))]
-    assert rows[-1]["step"] == 2 and all(np.isfinite(r["loss"]) for r in rows)
-
-  metrics = evaluate.run(fc, ft_dir)
-  assert set(metrics) >= {"real_data", "base", "lam_1", "lam_3"}
-  settings = {"ode_w1", "ode_w2", "memoryless_w1", "memoryless_w2"}
-  for name in ("base", "lam_1", "lam_3"):
-    assert set(metrics[name]) == settings
-    for m in metrics[name].values():
-      assert all(np.isfinite(v) for v in m.values()), m
-  assert os.path.isfile(os.path.join(ft_dir, "metrics.json"))
-  for s in settings:
-    assert os.path.getsize(os.path.join(ft_dir, f"grid_{s}.png")) > 0
-  assert "| base |" in evaluate.table(metrics)
