@@ -94,7 +94,7 @@ def exact_data_mixture(cfg):
   return None
 
 
-MODEL_KINDS = ("mlp", "unet", "transformer")
+MODEL_KINDS = ("mlp", "unet", "transformer", "exact")
 PREDICTIONS = ("velocity", "epsilon", "x0")
 
 
@@ -140,6 +140,11 @@ def validate_model(cfg):
   if _is_callable_spec(kind):
     load_callable(kind, "model.kind")
     return
+  if kind == "exact":
+    if cfg.data.name != "ring":
+      raise ConfigError(f"config.model.kind = 'exact' needs an exact-mixture dataset (data.name = 'ring'), got "
+                        f"{cfg.data.name!r}.")
+    return
   if kind == "mlp":
     require(cfg, "model.hidden", lambda v: len(v) > 0 and all(_positive_int(w) for w in v),
             "a tuple of positive ints")
@@ -169,6 +174,9 @@ def build_model(cfg, data_shape, seed: int, zero_init_output: bool = False):
     if not (isinstance(out, tuple) and len(out) == 2 and callable(out[0])):
       raise ConfigError(f"config.model.kind = {m.kind!r}: must return (apply_fn, params), got {type(out).__name__}.")
     return out
+  if m.kind == "exact":  # the closed-form velocity of the data mixture: params = the mixture itself
+    schedule = build_schedule(cfg)
+    return (lambda p, x, t, *cond: gmm_lib.velocity(p, x, t, schedule)), exact_data_mixture(cfg)
   if m.kind == "mlp":
     if len(data_shape) != 1:
       raise ConfigError(f"config.model.kind = 'mlp' needs vector data, got samples of shape {data_shape}.")
@@ -388,12 +396,15 @@ def build_problem(cfg, base_apply: Callable, base_params, name: str = "") -> Pro
 def load_base(cfg, mesh=None):
   """(base velocity apply_fn, base params) named by ``cfg.base_checkpoint``.
 
+  ``model.kind = 'exact'``: the closed-form velocity of the exact data mixture (no checkpoint).  Otherwise
   ``base_checkpoint`` is either a pre-training workdir of ``am-jax pretrain`` (its own config is restored
   and must agree with ``cfg`` on the schedule and sample shape), or a params directory written by
   ``checkpointing.save_params`` for a user model (``cfg.model.kind = "pkg.mod:make_model"`` gives the
   structure).  Params are host NumPy copies; the launcher replicates them on its mesh.
   """
   import os
+  if cfg.model.kind == "exact":
+    return build_velocity_model(cfg, data_shape(cfg), cfg.seed)
   base_dir = require(cfg, "base_checkpoint", lambda v: isinstance(v, str) and v, "a directory")
   if os.path.isdir(os.path.join(base_dir, "checkpoints")):
     apply_fn, params, base_cfg = load_pretrained(base_dir, mesh)
@@ -457,7 +468,7 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
   to divide the batch.
   """
   require(cfg, "seed", lambda v: isinstance(v, int), "an integer")
-  has_base = bool(cfg.get("base_checkpoint", ""))
+  has_base = bool(cfg.get("base_checkpoint", "")) or cfg.model.get("kind") == "exact"
   validate_data(cfg, for_training=not has_base)
   validate_model(cfg)
   build_schedule(cfg)

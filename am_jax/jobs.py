@@ -125,7 +125,7 @@ def build_finetune_problem(cfg, workdir: str, mesh=None) -> Problem:
   loads the base and builds the ``Problem``."""
   num_devices = None if mesh is None else sharding.num_devices(mesh)
   builders.validate_finetune(cfg, num_devices)
-  if not cfg.get("base_checkpoint", ""):
+  if not cfg.get("base_checkpoint", "") and cfg.model.kind != "exact":
     base_dir = os.path.join(workdir, "base")
     pretrain(cfg, base_dir)
     cfg = cfg.copy_and_resolve_references()
@@ -297,7 +297,7 @@ def load_finetuned(cfg, workdir: str, mesh=None):
 
 def _with_base(cfg, workdir: str):
   """``cfg`` with ``base_checkpoint`` pointing at ``<workdir>/base`` when the job pre-trained its own base."""
-  if cfg.get("base_checkpoint", ""):
+  if cfg.get("base_checkpoint", "") or cfg.model.kind == "exact":
     return cfg
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
