@@ -1,52 +1,83 @@
-"""Minimal end-to-end Adjoint Matching fine-tune on an exact Gaussian-mixture base.
+"""Minimal end-to-end fine-tune, with any method of ``am_jax.methods``, on an exact Gaussian-mixture base.
 
 Base: the exact mixture velocity (``am_jax.gmm.velocity``), so every error is a fine-tuning error.
 Fine-tuned: base + a small Flax MLP residual initialised to output zero.  Optimiser: optax Adam.
-Each training step (sample trajectories, lean adjoint, loss, gradient, update) is one ``jax.jit``.
-Used by the tests, by ``experiments/toy_figure.py`` and as a template for user code.
+Each training step (sample trajectories, adjoint, loss, gradient, update) is one ``jax.jit``.
+Used by the tests, by ``experiments/toy_figure.py`` / ``compare_toy.py`` and as a template for user code.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from am_jax import parameterisation
+from am_jax import dynamics
 from am_jax import gmm as gmm_lib
 from am_jax import losses
+from am_jax import methods
 from am_jax import metrics
 from am_jax import models
+from am_jax import parameterisation as parameterisation_lib
 from am_jax import sampling
+
+__all__ = ["ToyResult", "evaluate_against_target", "finetune_mixture", "mixture_base"]
 
 
 class ToyResult(NamedTuple):
   params: object            # trained residual params (pytree)
   apply_fn: Callable        # fine-tuned velocity apply_fn(params, x, t)
   history: dict             # step -> diagnostics (floats) at logged steps
-  seconds: float            # training wall-clock (after compilation of the first step)
+  seconds: float            # training wall-clock (without the compilation of the first step and without logging)
   config: losses.AMConfig   # the AMConfig it was trained with (its grid is the default sampling grid)
 
 
+def mixture_base(gmm: gmm_lib.GaussianMixture, schedule, parameterisation: str = "velocity") -> Callable:
+  """The exact mixture as a base ``apply_fn(params, x, t, *cond)`` (params = the mixture).
+
+  'epsilon': eps(x, t) = ``dynamics.velocity_to_epsilon`` of the exact velocity, wrapped back by
+  ``dynamics.epsilon_model_as_velocity`` -- the path an epsilon-prediction diffusion model takes.
+  """
+  vel = lambda p, x, t, *c: gmm_lib.velocity(p, x, t, schedule)  # noqa: E731
+  if parameterisation == "velocity":
+    return vel
+  if parameterisation == "epsilon":
+    eps = lambda p, x, t, *c: dynamics.velocity_to_epsilon(vel(p, x, t), x, t, schedule)  # noqa: E731
+    return dynamics.epsilon_model_as_velocity(eps, schedule)
+  raise ValueError(f"base parameterisation must be 'velocity' or 'epsilon', got {parameterisation!r}.")
+
+
 def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: losses.AMConfig = losses.AMConfig(),
-                     *, steps: int = 1000, batch_size: int = 512, learning_rate: float = 1e-3,
-                     hidden=(64, 64), parameterisation: str = "control", seed: int = 0, log_every: int = 0,
-                     log_fn: Callable = print) -> ToyResult:
-  """Fine-tunes an exact mixture base toward p_base exp(lambda * reward) with Adjoint Matching.
+                     *, objective: Optional[methods.Objective] = None, steps: int = 1000, batch_size: int = 512,
+                     learning_rate: float = 1e-3, hidden=(64, 64), parameterisation: str = "control", seed: int = 0,
+                     base: str = "velocity", init: Optional[gmm_lib.GaussianMixture] = None, log_every: int = 0,
+                     eval_fn: Optional[Callable] = None, log_fn: Optional[Callable] = print) -> ToyResult:
+  """Fine-tunes an exact mixture base toward p_base exp(lambda * reward) with any method's objective.
+
+  Base: the exact mixture velocity (``mixture_base``); fine-tuned: base + zero-initialised MLP residual
+  (``parameterisation.residual_model``: differentiable in x, as the methods that differentiate through states
+  need); Adam; one ``jax.jit`` per step (sample, adjoint, loss, gradient, update).
 
   Args:
     gmm: exact base mixture (its closed-form velocity is the frozen base model).
-    reward_fn: ``reward_fn(x (B, d)) -> (B,)``; lambda is ``config.reward_multiplier``.
-    config: AMConfig (use ``loss_clip=None`` here: the paper's clip removes the informative
-      heavy-tailed terms on this problem, BUILD_NOTES.md).
+    reward_fn: ``reward_fn(x (B, d)) -> (B,)``, the raw reward; lambda is ``config.reward_multiplier``.
+    config: AMConfig: schedule, sampling grid of the result (``evaluate_against_target``), network_dtype of the
+      residual MLP (the exact base stays float32) and, by default, the objective's config (use
+      ``loss_clip=None`` here: the paper's clip removes the informative heavy-tailed terms, BUILD_NOTES.md).
+    objective: an ``am_jax.methods`` objective, e.g. ``methods.eam(config, num_times=32)``; build it with the same
+      ``config``.  Default: ``methods.am(config)`` (Adjoint Matching) with the network cast done here.
     steps, batch_size, learning_rate: Adam optimisation of the residual MLP (``hidden`` widths).
     parameterisation: 'control' (net predicts u) or 'velocity' (``parameterisation.residual_model``).
-    log_every: record (and print with ``log_fn``) diagnostics every this many steps; 0 = never.
+    base: 'velocity' or 'epsilon' (``mixture_base``).
+    init: start the fine-tuned model at the exact velocity of this mixture instead of the base
+      (fixed-point experiments: does a method stay at / move away from a given distribution?).
+    log_every: every this many steps (and at the last) ``history[step]`` gets the step's aux (floats),
+      ``wall_s`` (training seconds so far) and ``eval_fn(apply_fn, params)`` (a dict; not timed); 0 = never.
+    log_fn: prints a line per logged step (None: silent).
 
   Returns:
     ToyResult; ``result.apply_fn(result.params, x, t)`` is the fine-tuned velocity.
@@ -55,29 +86,30 @@ def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: 
     raise ValueError(f"steps must be >= 1, got {steps}.")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  base_apply = lambda p, x, t: gmm_lib.velocity(p, x, t, config.schedule)  # noqa: E731
+  schedule = config.schedule
+  base_apply = mixture_base(gmm, schedule, base)
   net = models.MLP(gmm.dim, hidden=hidden, zero_init_output=True, rngs=nnx.Rngs(seed))
   net_apply, params = models.functional(net)
   # config.network_dtype applies to the residual MLP only: the exact mixture base is not a network
   # and stays float32 (the objective then runs with float32 for the apply_fns it is given).
-  net_apply = parameterisation.mixed_precision(net_apply, config.network_dtype)
-  ft_apply = parameterisation.residual_model(base_apply, gmm, net_apply, config.schedule, parameterisation)
-  objective_config = dataclasses.replace(config, network_dtype="float32")
+  net_apply = parameterisation_lib.mixed_precision(net_apply, config.network_dtype)
+  if objective is None:
+    objective = methods.am(dataclasses.replace(config, network_dtype="float32"))
+  start_apply, start_params = (base_apply, gmm) if init is None else (mixture_base(init, schedule, base), init)
+  ft_apply = parameterisation_lib.residual_model(start_apply, start_params, net_apply, schedule, parameterisation)
   opt = optax.adam(learning_rate)
   opt_state = opt.init(params)
 
   @jax.jit
   def train_step(params, opt_state, key):
     def loss_fn(p):
-      return losses.adjoint_matching_objective(ft_apply, p, base_apply, gmm, reward_fn, key,
-                                               (batch_size, gmm.dim), objective_config)
+      return objective(ft_apply, p, base_apply, gmm, reward_fn, key, (batch_size, gmm.dim))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, dict(aux, loss=loss)
 
   key = jax.random.PRNGKey(seed)
-  history = {}
-  start = None
+  history, elapsed, start = {}, 0.0, None
   for step in range(steps):
     key, sub = jax.random.split(key)
     params, opt_state, aux = train_step(params, opt_state, sub)
@@ -85,11 +117,19 @@ def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: 
       jax.block_until_ready(params)
       start = time.perf_counter()
     if log_every and (step % log_every == 0 or step == steps - 1):
-      history[step] = {k: float(v) for k, v in aux.items()}
+      jax.block_until_ready(params)
+      elapsed += time.perf_counter() - start
+      entry = {k: float(v) for k, v in aux.items()}
+      entry["wall_s"] = elapsed
+      if eval_fn is not None:
+        entry.update(eval_fn(ft_apply, params))
+      history[step] = entry
       if log_fn:
-        log_fn(f"step {step:5d}  loss {history[step]['loss']:.4f}  reward {history[step]['reward_mean']:.4f}")
+        log_fn(f"step {step:5d}  loss {entry['loss']:.4f}  reward {entry['reward_mean']:.4f}")
+      start = time.perf_counter()
   jax.block_until_ready(params)
-  return ToyResult(params, ft_apply, history, time.perf_counter() - start, config)
+  elapsed += time.perf_counter() - start
+  return ToyResult(params, ft_apply, history, elapsed, config)
 
 
 def evaluate_against_target(result: ToyResult, target: gmm_lib.GaussianMixture, schedule=None, *,

@@ -5,14 +5,14 @@ r"""Every fine-tuning method of ``am_jax.methods`` on the exact 1-D problem: tab
 Base 0.5 N(-1, 0.3^2) + 0.5 N(1, 0.3^2) (exact velocity), reward r(x) = x, lambda = 1; the exact target
 p_base e^{r} / Z has right-mode mass 0.881 and mean reward 0.852.  Every run uses the same model (base +
 zero-initialised (64, 64) MLP, control parameterisation), Adam 1e-3, batch 512, the same seed and number
-of steps (``methods.finetune_mixture_method``); only the objective changes.  Every ``eval_every`` steps
+of steps (``toy.finetune_mixture``); only the objective changes (``methods.build``).  Every ``eval_every`` steps
 the model is sampled with the ODE on the training grid (K = 40, ``eval_samples`` samples, fixed key) and
 its W1 to the exact target CDF, mean reward and right-mode mass are recorded; evaluation time is not
 counted in the wall-clock.  The final numbers use ``toy.evaluate_against_target`` (20k ODE samples).
 
 Extra rows (``--diagnostics``): EAM (importance-weighted and unweighted) and AM started at the exact target
-and at a wrongly weighted target (right-mode mass 0.6), EAM on a unimodal Gaussian base, and the deterministic-control reference
-(per-trajectory optimal open-loop controls) that deterministic_am should converge to.
+and at a wrongly weighted target (right-mode mass 0.6), EAM on a unimodal Gaussian base, and the
+deterministic-control reference (per-trajectory optimal open-loop controls) that deterministic_am should converge to.
 
 Writes to --workdir: compare_toy.json (everything, with histories), compare_toy.md (the table),
 compare_toy.png (reward and W1 vs training wall-clock).  ~15 min on 2 CPU cores with the defaults.
@@ -48,38 +48,34 @@ REACH_W1 = 0.15  # W1 to the exact target below which a run "reaches" it (AM fam
 REACH_MASS = 0.08  # ... and |right-mode mass - target| below this (AM family 0.83-0.89 vs 0.881)
 
 
-def _am_config(**kw):
-  return losses.AMConfig(loss_clip=None, **kw)
+AM_CONFIG = losses.AMConfig(loss_clip=None, reward_multiplier=LAMBDA)  # shared by every run: K = 40, memoryless
 
-
-# name -> (method, MethodConfig): the comparison rows.
+# name -> (method, options of its factory): the comparison rows, ``methods.build(method, AM_CONFIG, **options)``.
 RUNS = {
-    "am": ("am", methods.MethodConfig(am=_am_config())),
-    "basic_am": ("basic_am", methods.MethodConfig(am=_am_config())),
-    "continuous_adjoint": ("continuous_adjoint", methods.MethodConfig(am=_am_config())),
-    "discrete_adjoint": ("discrete_adjoint", methods.MethodConfig(am=_am_config())),
-    "eam": ("eam", methods.MethodConfig(am=_am_config())),
-    "eam_unweighted": ("eam", methods.MethodConfig(am=_am_config(), eam_weights="none")),
+    "am": ("am", {}),
+    "basic_am": ("basic_am", {}),
+    "continuous_adjoint": ("continuous_adjoint", {}),
+    "discrete_adjoint": ("discrete_adjoint", {}),
+    "eam": ("eam", {}),
+    "eam_unweighted": ("eam", {"weights": "none"}),
     # EAM sampler / variance ablations (BUILD_NOTES.md section 8.7g).
-    "eam_uniform_grid": ("eam", methods.MethodConfig(am=_am_config(), eam_time_power=1.0)),
-    "eam_64_times": ("eam", methods.MethodConfig(am=_am_config(), eam_num_times=64)),
-    "am_const_sigma_0.2": ("am_const_sigma", methods.MethodConfig(am=_am_config(), const_sigma=0.2)),
-    "am_const_sigma_1.0": ("am_const_sigma", methods.MethodConfig(am=_am_config(), const_sigma=1.0)),
-    "draft_k1": ("draft", methods.MethodConfig(am=_am_config(), draft_k=1)),
-    "refl": ("refl", methods.MethodConfig(am=_am_config())),
-    "deterministic_am_kinetic": ("deterministic_am", methods.MethodConfig(am=_am_config(), regulariser="kinetic",
-                                                                          truncation=0.25)),
-    "deterministic_am_kl": ("deterministic_am", methods.MethodConfig(am=_am_config(), regulariser="kl",
-                                                                     truncation=0.25)),
-    "deterministic_am_power4": ("deterministic_am", methods.MethodConfig(am=_am_config(), regulariser="power",
-                                                                         regulariser_power=4.0, truncation=0.25)),
+    "eam_uniform_grid": ("eam", {"time_power": 1.0}),
+    "eam_64_times": ("eam", {"num_times": 64}),
+    "am_const_sigma_0.2": ("am_const_sigma", {"sigma": 0.2}),
+    "am_const_sigma_1.0": ("am_const_sigma", {"sigma": 1.0}),
+    "draft_k1": ("draft", {"k": 1}),
+    "refl": ("refl", {}),
+    "deterministic_am_kinetic": ("deterministic_am", {"regulariser": "kinetic", "truncation": 0.25}),
+    "deterministic_am_kl": ("deterministic_am", {"regulariser": "kl", "truncation": 0.25}),
+    "deterministic_am_power4": ("deterministic_am", {"regulariser": "power", "regulariser_power": 4.0,
+                                                     "truncation": 0.25}),
 }
 DETERMINISTIC = [name for name, (method, _) in RUNS.items() if method == "deterministic_am"]
 
 
-def _make_eval(target, config: methods.MethodConfig, num_samples: int, seed: int = 123):
+def _make_eval(target, am: losses.AMConfig, num_samples: int, seed: int = 123):
   """eval_fn(apply_fn, params) -> dict(eval_w1, eval_reward, eval_mass): ODE samples on the training grid."""
-  am, cache = config.am, {}
+  cache = {}
 
   def eval_fn(apply_fn, params):
     if "sample" not in cache:  # compile once per run
@@ -98,13 +94,14 @@ def _finite(x):
   return x is not None and isinstance(x, float) and math.isfinite(x)
 
 
-def _run(name, method, config, base, target, reward_fn, *, init=None, steps=None):
+def _run(name, method, options, base, target, reward_fn, *, init=None, steps=None):
   steps = steps or FLAGS.steps
-  eval_fn = _make_eval(target, config, FLAGS.eval_samples)
+  eval_fn = _make_eval(target, AM_CONFIG, FLAGS.eval_samples)
   t0 = time.perf_counter()
-  res = methods.finetune_mixture_method(base, reward_fn, method, config, steps, FLAGS.batch_size, 1e-3, FLAGS.seed,
-                                        init=init, log_every=FLAGS.eval_every, eval_fn=eval_fn,
-                                        log_fn=lambda s: print(f"[{name}] {s}", flush=True))
+  res = toy.finetune_mixture(base, reward_fn, AM_CONFIG, objective=methods.build(method, AM_CONFIG, **options),
+                             steps=steps, batch_size=FLAGS.batch_size, learning_rate=1e-3, seed=FLAGS.seed, init=init,
+                             log_every=FLAGS.eval_every, eval_fn=eval_fn,
+                             log_fn=lambda s: print(f"[{name}] {s}", flush=True))
   total = time.perf_counter() - t0
   ev = toy.evaluate_against_target(res, target, diffusion="ode")
   hist = [{"step": int(k), **v} for k, v in sorted(res.history.items())]
@@ -184,8 +181,8 @@ def _diagnostics(base, target, reward_fn):
   wrong = gmm.GaussianMixture(jnp.array([0.4, 0.6]), target.means, target.covs)
   for run in ("eam", "eam_unweighted", "am"):
     for label, init in (("from_target", target), ("from_mass_0.6", wrong)):
-      method, cfg = RUNS[run]
-      row, _ = _run(f"{run}_{label}", method, cfg, base, target, reward_fn, init=init)
+      method, options = RUNS[run]
+      row, _ = _run(f"{run}_{label}", method, options, base, target, reward_fn, init=init)
       rows.append(row)
   # Unimodal base N(-0.5, 0.5^2), reward 2x: target N(0, 0.5^2); no mode weights to move.
   uni = gmm.make_mixture([1.0], [[-0.5]], [0.5])
@@ -195,11 +192,12 @@ def _diagnostics(base, target, reward_fn):
     rows.append(row)
   # What deterministic_am converges to: per-trajectory optimal open-loop deterministic control.
   for name in DETERMINISTIC:
-    cfg = RUNS[name][1]
     x0 = jax.random.normal(jax.random.PRNGKey(7), (10000, 1))
-    ref = np.asarray(methods.deterministic_reference_samples(methods.mixture_base(base, cfg.schedule), base,
-                                                             reward_fn, x0, cfg, iterations=400))
-    out[f"{name}: reference W1 to tilted target"] = f"{metrics.wasserstein1_to_cdf(ref, lambda z: np.asarray(gmm.cdf_1d(target, z))):.3f}"
+    ref = np.asarray(methods.deterministic_reference_samples(toy.mixture_base(base, AM_CONFIG.schedule), base,
+                                                             reward_fn, x0, AM_CONFIG, **RUNS[name][1],
+                                                             iterations=400))
+    w1 = metrics.wasserstein1_to_cdf(ref, lambda z: np.asarray(gmm.cdf_1d(target, z)))
+    out[f"{name}: reference W1 to tilted target"] = f"{w1:.3f}"
     out[f"{name}: reference right-mode mass"] = f"{metrics.mode_mass(ref, target.means)[1]:.3f}"
     out[f"{name}: reference mean reward"] = f"{float(np.mean(ref)):.3f}"
     out[f"_{name}_reference"] = ref
@@ -222,13 +220,13 @@ def main(_):
     return _replot()
   base = gmm.bimodal_1d()
   target = gmm.tilt_linear(base, LAMBDA)
-  reward_fn = rewards.linear_reward(LAMBDA)
+  reward_fn = rewards.linear_reward(1.0)  # raw r(x) = x; lambda is AM_CONFIG.reward_multiplier
   target_reward = float(jnp.sum(target.weights * target.means[:, 0]))
   names = list(RUNS) if FLAGS.runs is None else [n for n in FLAGS.runs if n]
   rows, samples = [], {}
   for name in names:
-    method, cfg = RUNS[name]
-    row, xs = _run(name, method, cfg, base, target, reward_fn)
+    method, options = RUNS[name]
+    row, xs = _run(name, method, options, base, target, reward_fn)
     rows.append(row)
     samples[name] = xs
   extra, diag_rows = ({}, [])
