@@ -27,6 +27,11 @@ from am_jax import builders, classifiers, data as data_lib, jobs, parameterisati
 __all__ = ["train_classifier", "train_reward_classifiers", "make_classify", "score", "evaluate", "table"]
 
 
+def heldout_images(cfg):
+  """The held-out real images of ``cfg.data`` (the FD reference): digits 'test' or MNIST 'heldout'."""
+  return _split(cfg, "test")[0]
+
+
 def _split(cfg, split: str):
   name = cfg.data.name if "data" in cfg else "digits"
   if name == "mnist":

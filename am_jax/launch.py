@@ -30,7 +30,7 @@ import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 __all__ = ["UsageError", "define_flags", "run", "check_workdir", "resolve_config", "packaged_configs_dir",
-           "list_configs", "maybe_initialize_distributed", "override_error", "EXIT_USAGE"]
+           "list_configs", "load_config", "maybe_initialize_distributed", "override_error", "EXIT_USAGE"]
 
 EXIT_USAGE = 2  # like argparse: the command line or the config is wrong
 
@@ -126,6 +126,18 @@ def resolve_config(spec: str) -> str:
   hint = f"did you mean {close[0]}? " if close else ""
   raise UsageError(f"--config={spec}: no such file, and no packaged config {name!r} ({hint}packaged: "
                    f"{', '.join(names) or 'none'}).")
+
+
+def load_config(spec: str):
+  """The ``ConfigDict`` of ``spec`` (``path[:arg]`` or a packaged config name, as ``--config`` takes):
+  the file's ``get_config()`` (or ``get_config(arg)``), for code that builds configs itself (the notebook,
+  the comparison launcher, tests)."""
+  import importlib.util
+  path, sep, arg = resolve_config(spec).partition(":")
+  mod_spec = importlib.util.spec_from_file_location(f"am_jax_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg) if sep else module.get_config()
 
 
 def _resolve_config_argv(argv: Sequence[str]) -> list[str]:

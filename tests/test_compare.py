@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from am_jax import losses, methods, rewards
-from experiments import compare
+from am_jax import comparison as compare, jobs, launch
 
 
 def _counted(apply_fn, name, counts):
@@ -90,7 +90,10 @@ def test_network_passes_errors():
 
 
 def test_every_run_of_the_toy2d_comparison_executes(tmp_path):
-  task = compare.toy2d_task(lam=4.0, batch=32, seed=0)
+  cfg = launch.load_config("gmm2d")
+  cfg.model.kind, cfg.finetune.hidden, cfg.finetune.batch_size, cfg.am.reward_multiplier = "exact", (64, 64), 32, 4.0
+  cfg.am.loss_clip = None
+  task = compare.exact_task(jobs.build_finetune_problem(cfg, str(tmp_path)), 32)
   task["eval"] = task["final_eval"] = _cheap_eval(task)
   rows = [compare.run_one(task, name, steps=3, eval_every=2, seed=0) for name in compare.RUNS]
   for row in rows:
