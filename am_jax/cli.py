@@ -30,6 +30,8 @@ COMMANDS = {
     "compare": ("compare", "compare fine-tuning methods on one task"),
     "soc": ("soc", "stochastic optimal control benchmarks (soc.py:VARIANT)"),
     "train-reward": ("train_reward", "train a reward classifier"),
+    "toy-figure": ("toy_figure", "paper Fig. 2 on the exact 1-D problem, several seeds"),
+    "reproduce": ("reproduce", "rerun the commands behind the README / BUILD_NOTES figures"),
 }
 
 
