@@ -67,15 +67,35 @@ def _adjoint_step_vjp(base_velocity_fn, traj, coeffs, k, a_next):
   return _adjoint_vjp(base_velocity_fn, traj[k], step_at(coeffs, k), a_next)
 
 
-def _lean_adjoint_scan(base_velocity_fn, traj, a1, coeffs):
+def scan_backward(increment_fn: Callable, a_last, inputs):
+  """The backward loop of every adjoint here: one reversed ``lax.scan`` of
+
+      a_K = a_last,   a_k = a_{k+1} + increment_fn(a_{k+1}, inputs_k),   k = K-1 .. 0,
+
+  with ``inputs`` a pytree of (K, ...) arrays (states X_k, step coefficients or times).  The increment
+  holds the maths, usually one VJP of the step map: h_k (grad_x b_k(X_k))^T a_{k+1} for the lean adjoint
+  of the generative SDE (``lean_adjoint``); plus h grad_x f(X_k, t_k) for the lean adjoint with a running
+  cost of stochastic optimal control (``soc.lean_adjoint``); the full adjoint's control terms for the
+  continuous adjoint method (``soc.full_adjoint_continuous``).
+
+  Returns:
+    (K+1, B, ...) adjoint a_0 .. a_K (a_K = a_last).
+  """
   def body(a_next, inp):
-    s, k = inp
-    x_k = jax.lax.dynamic_index_in_dim(traj, k, 0, keepdims=False)
-    a_k = a_next + _adjoint_vjp(base_velocity_fn, x_k, s, a_next)
+    a_k = a_next + increment_fn(a_next, inp)
     return a_k, a_k
 
-  _, a_rev = jax.lax.scan(body, a1, (per_step(coeffs), jnp.arange(coeffs.num_steps)), reverse=True)
-  return jnp.concatenate([a_rev, a1[None]], axis=0)
+  _, a_rev = jax.lax.scan(body, a_last, inputs, reverse=True)
+  return jnp.concatenate([a_rev, a_last[None]], axis=0)
+
+
+def _lean_adjoint_scan(base_velocity_fn, traj, a1, coeffs):
+  def increment(a_next, inp):
+    s, k = inp
+    x_k = jax.lax.dynamic_index_in_dim(traj, k, 0, keepdims=False)
+    return _adjoint_vjp(base_velocity_fn, x_k, s, a_next)
+
+  return scan_backward(increment, a1, (per_step(coeffs), jnp.arange(coeffs.num_steps)))
 
 
 def _lean_adjoint_diffrax(base_velocity_fn, traj, a1, coeffs):

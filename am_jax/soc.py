@@ -3,41 +3,34 @@
 Problem (Domingo-Enrich et al. 2023, "Stochastic Optimal Control Matching", Sec. 5):
 
     min_u  E[ int_0^T (1/2 |u(X_t, t)|^2 + f(X_t, t)) dt + g(X_T) ],
-    dX_t = (b(X_t, t) + sigma(t) u(X_t, t)) dt + sqrt(lambda) sigma(t) dB_t,   X_0 ~ p_0.
+    dX_t = (b(X_t, t) + sigma(t) u(X_t, t)) dt + sqrt(nu) sigma(t) dB_t,   X_0 ~ p_0,
 
-Value V(t, x) = min_u E[cost from (t, x)]; the optimal control is u*(t, x) = -sigma(t)^T grad_x V(t, x), and
-for lambda = 1, V = -log E[exp(-int_t^T f - g(X_T)) | X_t = x] under the uncontrolled process (u = 0).
+with nu the noise level (``SOCProblem.noise_level``: the lambda of the SOC-matching papers, not the reward
+multiplier lambda of the fine-tuning code).  The optimal control is u* = -sigma^T grad_x V.  Reward fine-tuning is
+the case b = the base model's memoryless drift, f = 0, g = -lambda reward (``losses``); here b, sigma (a (d, d)
+matrix or a diagonal (d,)) and f are general.  The loops are the package's core ones (``sampling.scan_steps``,
+``adjoint.scan_backward``, ``adjoint.terminal_adjoint``); this module supplies the step maps where the maths
+differs (running cost, general drift, sigma matrix).  Derivations and measurements: docs/soc.md.
 
-Discretisation (everything below uses it).  Uniform grid t_k = k h, h = T / K, k = 0..K, Euler-Maruyama:
+Discretisation: uniform grid t_k = k h, h = T / K, left-point Euler-Maruyama and running cost,
 
-    X_{k+1} = X_k + h (b(X_k, t_k) + sigma_k u_k) + sqrt(lambda h) sigma_k xi_k,   u_k = u(X_k, t_k),
-    J = sum_{k<K} h (1/2 |u_k|^2 + f(X_k, t_k)) + g(X_K),                        sigma_k = sigma(t_k).
+    X_{k+1} = X_k + h (b(X_k, t_k) + sigma_k u_k) + sqrt(nu h) sigma_k xi_k,   u_k = u(X_k, t_k),
+    J = sum_{k<K} h (1/2 |u_k|^2 + f(X_k, t_k)) + g(X_K).
 
-Lean adjoint with running cost.  Continuous time: d a / dt = -(grad_x b)^T a - grad_x f, a(T) = grad g(X_T).
-The exact discrete counterpart is the chain rule through one Euler step of the *base* drift plus the
-running cost it pays:  with phi_k(x) = x + h b(x, t_k) and c_k(x) = h f(x, t_k),
+Lean adjoint with running cost (AM paper Eq. 23-24 plus f): the chain rule through one Euler step of the *base*
+drift and the running cost it pays, a_K = grad g(X_K), a_k = a_{k+1} + h (grad_x b_k)^T a_{k+1} + h grad_x f_k;
+for u = 0 it is the pathwise gradient dJ/dX_k with the noise fixed (tested against ``jax.grad``).  The dropped
+control terms h (grad_x u_k)^T (u_k + sigma_k^T a_{k+1}) have zero conditional mean at the optimum.
 
-    a_K = grad g(X_K),    a_k = (d phi_k / dx)^T a_{k+1} + grad c_k = a_{k+1} + h (grad_x b_k)^T a_{k+1} + h grad_x f_k.
+AM regression (Eq. 25 with f): L = E sum_k h |u(X_k, t_k) + sigma_k^T a_{k+1}|^2.  X_k is paired with a_{k+1}
+because u_k only moves X_{k+1}: the discrete dynamic programme gives u_k* = -sigma_k^T E[a_{k+1} | X_k], so the
+fixed point is the exact discrete-time optimum, O(h) from the continuous u*(t_k, x) (the floor of the L2 error).
 
-For u = 0 this is the pathwise gradient d J / d X_k with the noise held fixed (``tests/test_soc.py``
-checks it against ``jax.grad``).  "Lean": the control terms of the full adjoint,
-h (grad_x u_k)^T (u_k + sigma_k^T a_{k+1}), are dropped; their conditional mean given X_k vanishes at the
-optimum, so by the tower property E[a_k | X_k] = grad V_k(X_k) still holds there.
-
-Pairing X_k with a_{k+1}.  u_k only moves X_{k+1} (d X_{k+1} / d u_k = h sigma_k), so the discrete dynamic
-programme  V_k(x) = min_u { h/2 |u|^2 + h f(x, t_k) + E V_{k+1}(X_{k+1}) }  gives
-u_k*(x) = -sigma_k^T E[grad V_{k+1}(X_{k+1}) | X_k = x] = -sigma_k^T E[a_{k+1} | X_k = x].  Hence the
-regression  min_u E sum_k h |u(X_k, t_k) + sigma_k^T a_{k+1}|^2  has the discrete-time optimum as its fixed
-point; pairing with a_k instead adds the O(h) term h grad f + h (grad b)^T a (it is the same in the
-continuous limit).  The learned control is compared with the continuous u*(t_k, x), which differs from the
-discrete optimum by O(h): that sets a floor on the L2 error (BUILD_NOTES.md section 9 quantifies it for Linear OU).
-
-Baselines.  ``discrete_adjoint_loss``: the mean cost J of one batch, differentiated by backprop through the
-scanned Euler-Maruyama loop with the noise fixed (discretise-then-optimise).  ``continuous_adjoint_loss``:
-optimise-then-discretise; the full adjoint ODE  da/dt = -(grad_x (b + sigma u))^T a - grad_x (|u|^2/2 + f)
-is integrated backward by explicit Euler in reversed time (vector field taken at the start t_{k+1} of each
-reverse step) along the stored trajectory, and the gradient int (d u / d theta)^T (u + sigma^T a) dt is a
-left Riemann sum.  It differs from the exact discrete gradient at O(h).
+Baselines, under the names of the fine-tuning method registry (``METHODS``): ``discrete_adjoint`` differentiates the
+batch's mean cost J by backprop through the scanned Euler-Maruyama loop with the noise fixed; ``continuous_adjoint``
+integrates the full adjoint ODE da/dt = -(grad_x (b + sigma u))^T a - grad_x (|u|^2/2 + f) (Eq. 20) backward by
+explicit Euler (field at the start t_{k+1} of each reverse step) and uses the gradient
+int (du/dtheta)^T (u + sigma^T a) dt (Eq. 21) as a left Riemann sum: O(h) from the exact discrete gradient.
 
 Shapes: x (B, d); time arguments of problem callables are scalars; ``control_apply(params, x, t)`` takes
 t of shape (B,) (like ``am_jax.models.functional``) and returns (B, d).
@@ -52,6 +45,19 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
+
+from am_jax import adjoint as adjoint_lib
+from am_jax import sampling
+
+__all__ = [
+    "PROBLEMS", "METHODS", "SOCProblem", "apply_sigma", "zero_control", "reference_as_control",
+    "draw_initial_and_noise", "rollout", "simulate_controlled", "terminal_adjoint", "lean_adjoint",
+    "full_adjoint_continuous", "am_loss", "am_objective", "discrete_adjoint_objective",
+    "continuous_adjoint_objective", "get_method", "evaluate_control", "RiccatiSolution", "riccati_field",
+    "solve_riccati", "generator_1d", "solve_value_1d", "interp_uniform_2d", "quadratic_ou",
+    "linear_ou", "double_well", "get_problem",
+]
 
 PROBLEMS = ("quadratic_easy", "quadratic_hard", "linear_ou", "double_well")
 
@@ -70,7 +76,7 @@ class SOCProblem:
     x0_sampler: (key, n) -> (n, d) initial states.
     T: horizon.
     num_steps: K, number of uniform Euler-Maruyama steps.
-    lambda_: noise level lambda (the diffusion is sqrt(lambda) sigma).
+    noise_level: nu > 0; the diffusion is sqrt(nu) sigma (the lambda of Domingo-Enrich et al.).
     u_star: optional reference control u*(t scalar, x (B, d)) -> (B, d).
     info: optional dict of problem constants (matrices, reference grids) for tests and reports.
   """
@@ -84,9 +90,15 @@ class SOCProblem:
   x0_sampler: Callable
   T: float = 1.0
   num_steps: int = 100
-  lambda_: float = 1.0
+  noise_level: float = 1.0
   u_star: Optional[Callable] = None
   info: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if int(self.num_steps) != self.num_steps or self.num_steps < 1:
+      raise ValueError(f"SOCProblem.num_steps must be a positive integer, got {self.num_steps!r}.")
+    if not self.T > 0 or not self.noise_level > 0:
+      raise ValueError(f"SOCProblem.T and noise_level must be > 0, got T={self.T!r}, noise_level={self.noise_level!r}.")
 
   @property
   def dt(self) -> float:
@@ -106,9 +118,12 @@ def apply_sigma(sig, u):
   return sig * u if sig.ndim == 1 else u @ sig.T
 
 
-def apply_sigma_t(sig, a):
-  """sigma^T a for each row of a (..., d)."""
-  return sig * a if sig.ndim == 1 else a @ sig
+def _sigma_t_on_grid(problem: SOCProblem, a):
+  """sigma(t_k)^T a_k for a (K, B, d), k < K."""
+  sig = jax.vmap(problem.sigma)(problem.times()[:-1])  # (K, d, d) or (K, d)
+  if sig.ndim == 2:
+    return sig[:, None, :] * a
+  return jnp.einsum("kij,kbi->kbj", sig, a)
 
 
 def zero_control(params, x, t):
@@ -119,20 +134,19 @@ def zero_control(params, x, t):
 
 def reference_as_control(u_star: Callable) -> Callable:
   """Wraps u*(t scalar, x) as control_apply(params, x, t (B,)) for ``rollout``, which passes one time per call
-  (t[0] is used).  Not for ``am_soc_loss``, which evaluates all (k, b) pairs in a single call."""
+  (t[0] is used).  Not for ``am_loss``, which evaluates all (k, b) pairs in a single call."""
   return lambda params, x, t: u_star(t[0], x)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Forward simulation.
+# Forward simulation (the step map of ``sampling.scan_steps``).
 
 
 def draw_initial_and_noise(problem: SOCProblem, key, batch: int):
-  """x0 (B, d) from the problem's sampler and standard normal xi (K, B, d)."""
+  """x0 (B, d) from the problem's sampler and standard normal xi (K, B, d) (``sampling.draw_noise``)."""
   k0, kn = jax.random.split(key)
   x0 = problem.x0_sampler(k0, batch).astype(jnp.float32)
-  noise = jax.random.normal(kn, (problem.num_steps, batch, problem.dim), jnp.float32)
-  return x0, noise
+  return x0, sampling.draw_noise(kn, problem.num_steps, (batch, problem.dim))
 
 
 def rollout(problem: SOCProblem, control_fn: Callable, params, x0, noise):
@@ -152,23 +166,21 @@ def rollout(problem: SOCProblem, control_fn: Callable, params, x0, noise):
   """
   chex.assert_shape(noise, (problem.num_steps,) + x0.shape)
   h = problem.dt
-  noise_scale = jnp.sqrt(problem.lambda_ * h).astype(jnp.float32)
+  noise_scale = jnp.sqrt(problem.noise_level * h).astype(jnp.float32)
   batch = x0.shape[0]
 
-  def body(carry, inp):
-    x, cost = carry
+  def step(x, cost, inp):
     t, xi = inp
     u = control_fn(params, x, jnp.full((batch,), t, jnp.float32))
     sig = problem.sigma(t)
     x_next = x + h * (problem.drift(x, t) + apply_sigma(sig, u)) + noise_scale * apply_sigma(sig, xi)
     # Left-point (Ito) rule for the running cost, matching the Euler step that produced X_{k+1}.
     cost = cost + h * (0.5 * jnp.sum(u**2, axis=-1) + problem.running_cost(x, t))
-    return (x_next, cost), (x_next, u)
+    return x_next, cost, u
 
-  (x_last, run_cost), (xs, us) = jax.lax.scan(body, (x0, jnp.zeros((batch,), jnp.float32)),
-                                              (problem.times()[:-1], noise))
-  traj = jnp.concatenate([x0[None], xs], axis=0)
-  return traj, us, run_cost + problem.terminal_cost(x_last)
+  traj, run_cost, us = sampling.scan_steps(step, x0, (problem.times()[:-1], noise),
+                                           jnp.zeros((batch,), jnp.float32))
+  return traj, us, run_cost + problem.terminal_cost(traj[-1])
 
 
 def simulate_controlled(problem: SOCProblem, control_fn: Callable, params, key, batch: int):
@@ -179,15 +191,15 @@ def simulate_controlled(problem: SOCProblem, control_fn: Callable, params, key, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Adjoints.
+# Adjoints (the increments of ``adjoint.scan_backward``).
 
 
-def _terminal_adjoint(problem: SOCProblem, x_last):
-  """a_K = grad g(X_K), (B, d)."""
-  return jax.grad(lambda x: jnp.sum(problem.terminal_cost(x)))(x_last)
+def terminal_adjoint(problem: SOCProblem, x_last):
+  """a_K = grad g(X_K), (B, d): ``adjoint.terminal_adjoint`` of the reward -g (raises if g or grad g is not finite)."""
+  return adjoint_lib.terminal_adjoint(lambda x: -problem.terminal_cost(x), x_last, 1.0)[0]
 
 
-def lean_adjoint_soc(problem: SOCProblem, traj):
+def lean_adjoint(problem: SOCProblem, traj):
   """Lean adjoint with running cost, backward over a stored trajectory (exact VJP of the base Euler step).
 
       a_K = grad g(X_K),   a_k = a_{k+1} + h (grad_x b(X_k, t_k))^T a_{k+1} + h grad_x f(X_k, t_k).
@@ -204,18 +216,15 @@ def lean_adjoint_soc(problem: SOCProblem, traj):
   chex.assert_axis_dimension(traj, 0, problem.num_steps + 1)
   traj = jax.lax.stop_gradient(traj)
   h = problem.dt
-  a_last = _terminal_adjoint(problem, traj[-1])
 
-  def body(a_next, inp):
+  def increment(a_next, inp):
     x, t = inp
     # The batch sum of f gives per-sample gradients because f acts on each row independently.
     _, vjp = jax.vjp(lambda y: (h * problem.drift(y, t), h * jnp.sum(problem.running_cost(y, t))), x)
-    (da,) = vjp((a_next, jnp.ones((), x.dtype)))
-    a = a_next + da
-    return a, a
+    return vjp((a_next, jnp.ones((), x.dtype)))[0]
 
-  _, a_rev = jax.lax.scan(body, a_last, (traj[:-1], problem.times()[:-1]), reverse=True)
-  return jnp.concatenate([a_rev, a_last[None]], axis=0)
+  return adjoint_lib.scan_backward(increment, terminal_adjoint(problem, traj[-1]),
+                                   (traj[:-1], problem.times()[:-1]))
 
 
 def full_adjoint_continuous(problem: SOCProblem, control_fn: Callable, params, traj):
@@ -227,39 +236,24 @@ def full_adjoint_continuous(problem: SOCProblem, control_fn: Callable, params, t
   Returns (K+1, B, d); params and traj are constants here (stop-gradient).
   """
   traj, params = jax.lax.stop_gradient(traj), jax.lax.stop_gradient(params)
-  h, ts = problem.dt, problem.times()
-  a_last = _terminal_adjoint(problem, traj[-1])
+  h = problem.dt
 
   def field(y, t):
     u = control_fn(params, y, jnp.full((y.shape[0],), t, jnp.float32))
     return (problem.drift(y, t) + apply_sigma(problem.sigma(t), u),
             jnp.sum(0.5 * jnp.sum(u**2, -1) + problem.running_cost(y, t)))
 
-  def body(a_next, inp):
+  def increment(a_next, inp):
     x, t = inp
     _, vjp = jax.vjp(lambda y: field(y, t), x)
-    (da,) = vjp((a_next, jnp.ones((), x.dtype)))
-    a = a_next + h * da
-    return a, a
+    return h * vjp((a_next, jnp.ones((), x.dtype)))[0]
 
-  _, a_rev = jax.lax.scan(body, a_last, (traj[1:], ts[1:]), reverse=True)
-  return jnp.concatenate([a_rev, a_last[None]], axis=0)
+  return adjoint_lib.scan_backward(increment, terminal_adjoint(problem, traj[-1]), (traj[1:], problem.times()[1:]))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Losses.
-
-
-def _sigma_grid(problem: SOCProblem):
-  """sigma(t_k) for k < K: (K, d, d) or (K, d)."""
-  return jax.vmap(problem.sigma)(problem.times()[:-1])
-
-
-def _apply_sigma_t_grid(sig, a):
-  """sigma_k^T a_k for a (K, B, d) with sig (K, d, d) or (K, d)."""
-  if sig.ndim == 2:
-    return sig[:, None, :] * a
-  return jnp.einsum("kij,kbi->kbj", sig, a)
+# Methods: objective(control_apply, params, problem, key, batch) -> (loss, aux), differentiated w.r.t. params.
+# aux holds 'loss' and 'objective' (the batch's mean cost J, no gradient).
 
 
 def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, states):
@@ -269,7 +263,7 @@ def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, state
   return control_apply(params, states.reshape(k * b, d), t).reshape(k, b, d)
 
 
-def am_soc_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint):
+def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint):
   """Adjoint Matching regression for SOC:  L = E sum_{k<K} h |u(X_k, t_k) + sigma_k^T a_{k+1}|^2.
 
   Args:
@@ -277,7 +271,7 @@ def am_soc_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjo
     params: control parameters.
     problem: the SOCProblem.
     traj: (K+1, B, d) trajectories of the current control (stop-gradient).
-    adjoint: (K+1, B, d) lean adjoint (``lean_adjoint_soc``); X_k is paired with a_{k+1} (module doc).
+    adjoint: (K+1, B, d) lean adjoint (``lean_adjoint``); X_k is paired with a_{k+1} (module doc).
 
   Returns:
     (loss, aux) with aux = {'control_norm': E int |u|^2, 'target_norm': E int |sigma^T a|^2}.
@@ -286,7 +280,7 @@ def am_soc_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjo
   chex.assert_equal_shape([traj, adjoint])
   chex.assert_axis_dimension(traj, 0, problem.num_steps + 1)
   h = problem.dt
-  target = -_apply_sigma_t_grid(_sigma_grid(problem), adjoint[1:])
+  target = -_sigma_t_on_grid(problem, adjoint[1:])
   u = _control_on_grid(control_apply, params, problem, traj[:-1])
   per_path = h * jnp.sum((u - target) ** 2, axis=(0, 2))
   aux = {"control_norm": h * jnp.mean(jnp.sum(u**2, axis=(0, 2))),
@@ -294,23 +288,24 @@ def am_soc_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjo
   return jnp.mean(per_path), aux
 
 
-def am_soc_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
-  """One AM update's loss: sample (stop-gradient) trajectories, lean adjoint, regression.  Grad w.r.t. params."""
-  traj = simulate_controlled(problem, control_apply, params, key, batch)
-  return am_soc_loss(control_apply, params, problem, traj, lean_adjoint_soc(problem, traj))
+def am_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
+  """Adjoint Matching (AM paper Alg. 1): sample (stop-gradient) trajectories, lean adjoint, regression ``am_loss``."""
+  x0, noise = draw_initial_and_noise(problem, key, batch)
+  traj, _, cost = rollout(problem, control_apply, jax.lax.stop_gradient(params), x0, noise)
+  traj = jax.lax.stop_gradient(traj)
+  loss, aux = am_loss(control_apply, params, problem, traj, lean_adjoint(problem, traj))
+  return loss, dict(aux, loss=loss, objective=jnp.mean(jax.lax.stop_gradient(cost)))
 
 
-def discrete_adjoint_loss(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
-  """Mean cost of a batch; its gradient is backprop through the discretised SDE with fixed noise.
-
-  Returns (loss, aux) with aux = {'objective': the same mean cost}.
-  """
+def discrete_adjoint_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
+  """Mean cost of a batch; its gradient is backprop through the discretised SDE with fixed noise."""
   x0, noise = draw_initial_and_noise(problem, key, batch)
   _, _, cost = rollout(problem, control_apply, params, x0, noise)
-  return jnp.mean(cost), {"objective": jnp.mean(cost)}
+  loss = jnp.mean(cost)
+  return loss, {"loss": loss, "objective": jax.lax.stop_gradient(loss)}
 
 
-def continuous_adjoint_loss(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
+def continuous_adjoint_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
   """Surrogate whose gradient is E sum_k h (d u_k / d theta)^T (u_k + sigma_k^T a_k), a from the full adjoint ODE.
 
   The value is not the cost; aux['objective'] is the batch's mean cost.
@@ -319,10 +314,25 @@ def continuous_adjoint_loss(control_apply: Callable, params, problem: SOCProblem
   traj, us, cost = rollout(problem, control_apply, jax.lax.stop_gradient(params), x0, noise)
   traj = jax.lax.stop_gradient(traj)
   adj = full_adjoint_continuous(problem, control_apply, params, traj)
-  weight = jax.lax.stop_gradient(us + _apply_sigma_t_grid(_sigma_grid(problem), adj[:-1]))
+  weight = jax.lax.stop_gradient(us + _sigma_t_on_grid(problem, adj[:-1]))
   u = _control_on_grid(control_apply, params, problem, traj[:-1])
   surrogate = problem.dt * jnp.mean(jnp.sum(u * weight, axis=(0, 2)))
-  return surrogate, {"objective": jnp.mean(jax.lax.stop_gradient(cost))}
+  return surrogate, {"loss": surrogate, "objective": jnp.mean(jax.lax.stop_gradient(cost))}
+
+
+# Keys are names of the fine-tuning method registry (``am_jax.methods``): the same algorithms on SOC problems.
+METHODS = {
+    "am": am_objective,
+    "discrete_adjoint": discrete_adjoint_objective,
+    "continuous_adjoint": continuous_adjoint_objective,
+}
+
+
+def get_method(name: str) -> Callable:
+  """The SOC objective registered under ``name``; ValueError naming the unknown method otherwise."""
+  if name not in METHODS:
+    raise ValueError(f"Unknown SOC method {name!r}; expected one of {sorted(METHODS)}.")
+  return METHODS[name]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,10 +341,12 @@ def continuous_adjoint_loss(control_apply: Callable, params, problem: SOCProblem
 
 def evaluate_control(problem: SOCProblem, control_apply: Callable, params, u_star: Optional[Callable], key,
                      batch: int):
-  """Control objective and L2 error from one batch of trajectories of the learned control.
+  """Control objective and L2 error from one batch of Euler-Maruyama paths of the learned control.
 
-  Returns a dict of scalars: objective, objective_se (std / sqrt(B) of the per-path cost J), and if u_star
-  is given l2_error, l2_error_se (the estimator of ``l2_error``, and its standard error over paths).
+  Returns a dict of scalars: objective (mean of J = sum_k h (|u_k|^2 / 2 + f(X_k, t_k)) + g(X_K)) and
+  objective_se (std / sqrt(B) of the per-path J); if u_star is given, the control L2 error
+  E int_0^T |u(X_t, t) - u*(t, X_t)|^2 dt estimated as l2_error = (1/B) sum_b sum_{k<K} h |u_k^b - u*(t_k, X_k^b)|^2
+  (left Riemann sum along the learned control's paths) and its standard error over paths l2_error_se.
   """
   x0, noise = draw_initial_and_noise(problem, key, batch)
   traj, us, cost = rollout(problem, control_apply, params, x0, noise)
@@ -345,21 +357,6 @@ def evaluate_control(problem: SOCProblem, control_apply: Callable, params, u_sta
     out["l2_error"] = jnp.mean(per_path)
     out["l2_error_se"] = jnp.std(per_path, ddof=1) / jnp.sqrt(batch)
   return out
-
-
-def control_objective(problem: SOCProblem, control_apply: Callable, params, key, batch: int):
-  """(mean, standard error) of J = sum_k h (|u_k|^2 / 2 + f(X_k, t_k)) + g(X_K) over `batch` paths."""
-  out = evaluate_control(problem, control_apply, params, None, key, batch)
-  return out["objective"], out["objective_se"]
-
-
-def l2_error(problem: SOCProblem, control_apply: Callable, params, u_star: Callable, key, batch: int):
-  """Control L2 error  E int_0^T |u(X_t, t) - u*(t, X_t)|^2 dt  along paths of the learned control.
-
-  Estimator: (1/B) sum_b sum_{k<K} h |u(X_k^b, t_k) - u*(t_k, X_k^b)|^2 over B Euler-Maruyama paths of
-  the learned control (left Riemann sum; with T = 1 it is also the mean over the time grid times T).
-  """
-  return evaluate_control(problem, control_apply, params, u_star, key, batch)["l2_error"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -397,7 +394,7 @@ def solve_riccati(A, P, Q, S, T: float, rtol: float = 1e-6, atol: float = 1e-8, 
                   ) -> RiccatiSolution:
   """Backward matrix Riccati ODE of the linear-quadratic problem, accurate at any t in [0, T].
 
-  V(t, x) = x^T F(t) x + c(t) for b = A x, f = x^T P x, g = x^T Q x, sigma sigma^T = S, lambda = 1:
+  V(t, x) = x^T F(t) x + c(t) for b = A x, f = x^T P x, g = x^T Q x, sigma sigma^T = S, noise level 1:
 
       dF/dt = -A^T F - F A + 2 F S F - P,   F(T) = Q,      u*(t, x) = -2 sigma^T F(t) x.
 
@@ -452,37 +449,19 @@ def generator_1d(drift_1d: Callable, x_grid, diffusion: float):
   return q
 
 
-def expm_generator(m):
-  """exp(M) for a (scaled) CTMC generator M, numpy float64: scaling and squaring with a degree-10 Taylor.
-
-  After scaling ||M / 2^s||_inf <= 1/32 the Taylor polynomial is entrywise non-negative and the truncation
-  error is < 1e-18; squaring non-negative matrices keeps small entries relatively accurate (no cancellation).
-  """
-  m = np.asarray(m, np.float64)
-  norm = np.abs(m).sum(axis=1).max()
-  s = max(0, int(np.ceil(np.log2(max(norm, 1e-300) * 32.0))))
-  a = m / 2.0**s
-  out = term = np.eye(m.shape[0])
-  for n in range(1, 11):
-    term = term @ a / n
-    out = out + term
-  for _ in range(s):
-    out = out @ out
-  return out
-
-
 def solve_value_1d(drift_1d: Callable, terminal_1d: Callable, T: float, x_max: float, num_x: int, num_t: int,
-                   sigma: float = 1.0, lambda_: float = 1.0):
-  """1-D reference control of  dX = (b(X) + sigma u) dt + sqrt(lambda) sigma dB, cost int |u|^2/2 + g(X_T).
+                   sigma: float = 1.0, noise_level: float = 1.0):
+  """1-D reference control of  dX = (b(X) + sigma u) dt + sqrt(nu) sigma dB, cost int |u|^2/2 + g(X_T),
+  nu = ``noise_level``.
 
-  phi(t, x) = E[exp(-g(X_T) / lambda) | X_t = x] under u = 0 solves the backward Kolmogorov equation
-  phi_t + b phi_x + (lambda sigma^2 / 2) phi_xx = 0, phi(T) = exp(-g / lambda).  V = -lambda log phi and
+  phi(t, x) = E[exp(-g(X_T) / nu) | X_t = x] under u = 0 solves the backward Kolmogorov equation
+  phi_t + b phi_x + (nu sigma^2 / 2) phi_xx = 0, phi(T) = exp(-g / nu).  V = -nu log phi and
 
-      u*(t, x) = -sigma dV/dx = lambda sigma d/dx log phi(t, x).
+      u*(t, x) = -sigma dV/dx = nu sigma d/dx log phi(t, x).
 
   Method (transition matrix): the generator is discretised on a uniform grid of [-x_max, x_max] as a CTMC
-  (``generator_1d``, D = lambda sigma^2 / 2); one time step delta = T / num_t is the exact CTMC transition
-  matrix M = expm(delta Q) (``expm_generator``), and phi(t_j) = M phi(t_{j+1}).  No time-stepping error;
+  (``generator_1d``, D = nu sigma^2 / 2); one time step delta = T / num_t is the exact CTMC transition
+  matrix M = expm(delta Q) (``scipy.linalg.expm``), and phi(t_j) = M phi(t_{j+1}).  No time-stepping error;
   the error is the O(dx^2) of the spatial scheme.  u* is central differences of log phi (float64).
 
   Returns:
@@ -490,13 +469,13 @@ def solve_value_1d(drift_1d: Callable, terminal_1d: Callable, T: float, x_max: f
   """
   x = np.linspace(-x_max, x_max, num_x)
   t = np.linspace(0.0, T, num_t + 1)
-  m = expm_generator(T / num_t * generator_1d(drift_1d, x, 0.5 * lambda_ * sigma**2))
+  m = scipy.linalg.expm(T / num_t * generator_1d(drift_1d, x, 0.5 * noise_level * sigma**2))
   phi = np.empty((num_t + 1, num_x))
-  phi[-1] = np.exp(-terminal_1d(x) / lambda_)
+  phi[-1] = np.exp(-terminal_1d(x) / noise_level)
   for j in range(num_t - 1, -1, -1):
     phi[j] = m @ phi[j + 1]
   log_phi = np.log(np.maximum(phi, 1e-300))
-  u = lambda_ * sigma * np.gradient(log_phi, x, axis=1)
+  u = noise_level * sigma * np.gradient(log_phi, x, axis=1)
   return x, t, u, log_phi
 
 
@@ -520,8 +499,8 @@ def interp_uniform_2d(tables, t_grid, x_grid, t, x):
   wx = fx - jx
   coord = jnp.arange(tables.shape[0])[None, :]
 
-  def at(j, l):
-    return tables[coord, j, l]
+  def at(j, i):
+    return tables[coord, j, i]
 
   lo = (1 - wx) * at(jt, jx) + wx * at(jt, jx + 1)
   hi = (1 - wx) * at(jt + 1, jx) + wx * at(jt + 1, jx + 1)
@@ -558,7 +537,7 @@ def quadratic_ou(hard: bool = False, dim: int = 20, num_steps: int = 50, T: floa
       drift=lambda x, t: x @ A.T, sigma=lambda t: sig,
       running_cost=lambda x, t: jnp.einsum("bi,ij,bj->b", x, P, x),
       terminal_cost=lambda x: jnp.einsum("bi,ij,bj->b", x, Q, x),
-      x0_sampler=_fixed_x0(x0), T=T, num_steps=num_steps, lambda_=1.0, u_star=u_star,
+      x0_sampler=_fixed_x0(x0), T=T, num_steps=num_steps, u_star=u_star,
       info={"A": A, "P": P, "Q": Q, "sigma": sig, "x0": x0, "riccati": sol})
 
 
@@ -569,7 +548,7 @@ def linear_ou(dim: int = 10, num_steps: int = 100, T: float = 1.0, seed: int = 0
   V(t, x) = (e^{(T-t) A^T} omega) . x + c(t) (affine: p = grad V solves dp/dt = -A^T p, p(T) = omega), so
   u*(t) = -sigma^T expm((T - t) A^T) omega, independent of x.
   """
-  xi = 0.1 * jax.random.normal(jax.random.PRNGKey(seed), (dim, dim), jnp.float32)
+  xi = 0.1 * sampling.standard_normal(jax.random.PRNGKey(seed), (dim, dim))
   A = -jnp.eye(dim, dtype=jnp.float32) + xi
   sig = jnp.eye(dim, dtype=jnp.float32) + xi
   omega = jnp.ones((dim,), jnp.float32)
@@ -581,7 +560,7 @@ def linear_ou(dim: int = 10, num_steps: int = 100, T: float = 1.0, seed: int = 0
   return SOCProblem(
       name="linear_ou", dim=dim, drift=lambda x, t: x @ A.T, sigma=lambda t: sig,
       running_cost=lambda x, t: jnp.zeros(x.shape[:1], x.dtype), terminal_cost=lambda x: x @ omega,
-      x0_sampler=lambda key, n: jnp.zeros((n, dim), jnp.float32), T=T, num_steps=num_steps, lambda_=1.0,
+      x0_sampler=lambda key, n: jnp.zeros((n, dim), jnp.float32), T=T, num_steps=num_steps,
       u_star=u_star, info={"A": A, "sigma": sig, "omega": omega, "xi": xi})
 
 
@@ -590,11 +569,11 @@ def double_well(dim: int = 10, num_steps: int = 200, T: float = 1.0, x_max: floa
   """Double well: b = -grad Psi, Psi(x) = sum_i kappa_i (x_i^2 - 1)^2, sigma = I, f = 0,
   g(x) = sum_i nu_i (x_i^2 - 1)^2, kappa_i = 5, nu_i = 3 for i < 3, else 1, 1; X_0 = 0.
 
-  The problem is separable (b, g, and the noise act coordinate-wise; lambda = 1), so
+  The problem is separable (b, g, and the noise act coordinate-wise; noise level 1), so
   V(t, x) = sum_i V_i(t, x_i) and u*_i(t, x) = -dV_i/dx_i(t, x_i).  Each distinct 1-D (kappa, nu) pair is
   solved once by ``solve_value_1d`` (CTMC transition matrix on [-x_max, x_max], num_x points, num_t time
   steps; the default num_t = 1000 puts every training-grid time of K = 200 on a table node) and u* is
-  bilinear interpolation of the table.  Grid convergence (BUILD_NOTES.md section 9): along paths of u*, the L2 distance
+  bilinear interpolation of the table.  Grid convergence (docs/soc.md): along paths of u*, the L2 distance
   E int |u*_1001 - u*_N|^2 dt between the default table (num_x = 1001, dx = 0.005) and tables with
   N = 501 / 1601 points is 2.6e-7 / 1.5e-7, far below any learned-control error reported.
   """
@@ -619,7 +598,7 @@ def double_well(dim: int = 10, num_steps: int = 200, T: float = 1.0, x_max: floa
       name="double_well", dim=dim, drift=lambda x, t: -4.0 * kappa_j * x * (x**2 - 1.0), sigma=lambda t: sig,
       running_cost=lambda x, t: jnp.zeros(x.shape[:1], x.dtype),
       terminal_cost=lambda x: jnp.sum(nu_j * (x**2 - 1.0) ** 2, axis=-1),
-      x0_sampler=lambda key, n: jnp.zeros((n, dim), jnp.float32), T=T, num_steps=num_steps, lambda_=1.0,
+      x0_sampler=lambda key, n: jnp.zeros((n, dim), jnp.float32), T=T, num_steps=num_steps,
       u_star=u_star, info={"kappa": kappa, "nu": nu, "tables": tables, "t_grid": t_grid, "x_grid": x_grid})
 
 

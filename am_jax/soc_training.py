@@ -1,0 +1,223 @@
+"""Training and evaluation of a control network on an SOC problem: the library behind ``experiments/soc.py``.
+
+Each method of ``soc.METHODS`` (``am``, ``discrete_adjoint``, ``continuous_adjoint``) trains the same control
+net: ``models.MLP`` on (x, time_scale * t) with the config's widths and a zero-initialised output layer, so
+every method starts at u = 0.  Optimiser: optax Adam with a cosine (to ``lr_final_fraction`` of the rate) or
+constant learning rate and optional global-norm clipping.  One training step (sampling, adjoint, loss,
+gradient, update) is one ``jax.jit`` call.  Every ``eval_every`` iterations the control is evaluated on a
+fixed batch of ``eval_batch_size`` paths, with the same key for every evaluation and every method (common
+random numbers): the L2 error E int |u - u*|^2 dt and the control objective E[J], with standard errors
+(``soc.evaluate_control``).
+
+A run is described by a ``ml_collections.ConfigDict`` with the fields of ``CONFIG_FIELDS`` (``configs/soc.py``
+has the four benchmarks); ``run(config)`` trains every method and returns the records and a summary.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import jax
+import optax
+from flax import nnx
+
+from am_jax import models, soc
+
+__all__ = ["CONFIG_FIELDS", "LR_SCHEDULES", "validate_config", "make_optimizer", "init_control", "make_train_step",
+           "make_evaluator", "train_method", "reference_values", "summarise", "run"]
+
+LR_SCHEDULES = ("cosine", "constant")
+
+# Every field a run reads (configs/soc.py documents them).
+CONFIG_FIELDS = ("problem", "methods", "num_iterations", "batch_size", "learning_rate", "lr_schedule",
+                 "lr_final_fraction", "grad_clip", "hidden", "time_scale", "seed", "eval_seed", "eval_every",
+                 "eval_batch_size", "l2_target", "time_budget_s")
+
+
+def validate_config(config) -> None:
+  """Checks a run's config completely before any work; one-line ValueError naming the field."""
+  missing = [f for f in CONFIG_FIELDS if f not in config]
+  if missing:
+    raise ValueError(f"config.{missing[0]}: missing (an SOC run needs the fields {', '.join(CONFIG_FIELDS)}).")
+  if config.problem not in soc.PROBLEMS:
+    raise ValueError(f"config.problem = {config.problem!r}: expected one of {soc.PROBLEMS}.")
+  if isinstance(config.methods, str) or not config.methods:
+    raise ValueError(f"config.methods = {config.methods!r}: expected a non-empty tuple of {tuple(soc.METHODS)}.")
+  for name in config.methods:
+    if name not in soc.METHODS:
+      raise ValueError(f"config.methods: unknown SOC method {name!r}; expected some of {tuple(soc.METHODS)}.")
+  for field in ("num_iterations", "batch_size", "eval_every"):
+    if int(config[field]) != config[field] or config[field] < 1:
+      raise ValueError(f"config.{field} = {config[field]!r}: must be a positive integer.")
+  if int(config.eval_batch_size) != config.eval_batch_size or config.eval_batch_size < 2:
+    raise ValueError(f"config.eval_batch_size = {config.eval_batch_size!r}: must be an integer >= 2 "
+                     "(standard errors need two paths).")
+  if config.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"config.lr_schedule = {config.lr_schedule!r}: expected one of {LR_SCHEDULES}.")
+  for field in ("learning_rate", "time_scale", "l2_target"):
+    if not config[field] > 0:
+      raise ValueError(f"config.{field} = {config[field]!r}: must be > 0.")
+  if not 0.0 <= config.lr_final_fraction <= 1.0:
+    raise ValueError(f"config.lr_final_fraction = {config.lr_final_fraction!r}: must be in [0, 1].")
+  if config.grad_clip < 0 or config.time_budget_s < 0:
+    raise ValueError("config.grad_clip and config.time_budget_s must be >= 0 (0 disables them).")
+  if not config.hidden or any(int(w) != w or w < 1 for w in config.hidden):
+    raise ValueError(f"config.hidden = {config.hidden!r}: expected a tuple of positive layer widths.")
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam with a cosine-decay (to lr_final_fraction * learning_rate) or constant rate; global-norm clipping if
+  ``grad_clip`` > 0."""
+  if config.lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(config.learning_rate, config.num_iterations, alpha=config.lr_final_fraction)
+  elif config.lr_schedule == "constant":
+    lr = config.learning_rate
+  else:
+    raise ValueError(f"config.lr_schedule = {config.lr_schedule!r}: expected one of {LR_SCHEDULES}.")
+  chain = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
+  return optax.chain(*chain, optax.adam(lr))
+
+
+def init_control(problem: soc.SOCProblem, hidden, seed: int, time_scale: float = 1.0):
+  """The control net ``apply_fn(params, x (B, d), t (B,)) -> (B, d)`` and its initial params (u = 0).
+
+  ``models.MLP`` embeds t with sinusoids of 1000 t (DDPM step-index scale); time_scale < 1 makes the time
+  features smooth over [0, T] (right for the OU problems), 1 keeps the sharp ones (double well: u* varies on
+  the scale of one step just before T).
+  """
+  net = models.MLP(problem.dim, hidden=tuple(hidden), zero_init_output=True, rngs=nnx.Rngs(seed))
+  net_apply, params = models.functional(net)
+
+  def apply_fn(p, x, t):
+    return net_apply(p, x, time_scale * t)
+
+  return apply_fn, params
+
+
+def make_train_step(objective: Callable, problem: soc.SOCProblem, apply_fn: Callable,
+                    optimizer: optax.GradientTransformation, batch_size: int):
+  """``step(params, opt_state, key) -> (params, opt_state, loss)``: one jitted update of a ``soc.METHODS`` objective."""
+
+  @jax.jit
+  def step(params, opt_state, key):
+    (loss, _), grads = jax.value_and_grad(
+        lambda p: objective(apply_fn, p, problem, key, batch_size), has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def make_evaluator(problem: soc.SOCProblem, apply_fn: Callable, eval_seed: int, eval_batch_size: int):
+  """``evaluate(params) -> dict of scalars`` (``soc.evaluate_control`` on fixed paths), jitted."""
+  key = jax.random.PRNGKey(eval_seed)
+  return jax.jit(lambda params: soc.evaluate_control(problem, apply_fn, params, problem.u_star, key, eval_batch_size))
+
+
+def train_method(method: str, problem: soc.SOCProblem, config, on_record: Optional[Callable] = None, *,
+                 control=None, evaluate: Optional[Callable] = None) -> list:
+  """Trains the control with one method; returns its evaluation records (one dict per evaluation).
+
+  A record holds method, iteration, train_seconds (excluding compilation and evaluation), the last training
+  loss and the ``soc.evaluate_control`` statistics; after training every record also gets compile_seconds
+  (the first step's time).  ``on_record(record)`` is called after each evaluation (progress, metrics files).
+  Training stops after ``num_iterations`` or, if ``time_budget_s`` > 0, at the first evaluation past it.
+  ``control`` = (apply_fn, initial params) and ``evaluate`` (``make_evaluator`` of that apply_fn) default to
+  new ones from the config; ``run`` passes the same to every method, so the evaluation compiles once.
+  """
+  objective = soc.get_method(method)
+  apply_fn, params = control or init_control(problem, config.hidden, config.seed, config.time_scale)
+  evaluate = evaluate or make_evaluator(problem, apply_fn, config.eval_seed, config.eval_batch_size)
+  optimizer = make_optimizer(config)
+  opt_state = optimizer.init(params)
+  step = make_train_step(objective, problem, apply_fn, optimizer, config.batch_size)
+  records, key = [], jax.random.PRNGKey(config.seed + 1)
+  train_seconds, compile_seconds, loss = 0.0, 0.0, math.nan
+  budget = config.time_budget_s or math.inf
+
+  def log_eval(it):
+    stats = {k: float(v) for k, v in evaluate(params).items()}
+    rec = dict(method=method, iteration=it, train_seconds=train_seconds, loss=float(loss), **stats)
+    records.append(rec)
+    if on_record is not None:
+      on_record(rec)
+
+  log_eval(0)
+  it = 0
+  while it < config.num_iterations and train_seconds < budget:
+    segment = min(config.eval_every - it % config.eval_every, config.num_iterations - it)
+    start = time.perf_counter()
+    for _ in range(segment):
+      key, sub = jax.random.split(key)
+      params, opt_state, loss = step(params, opt_state, sub)
+      it += 1
+      if it == 1:
+        # The first call compiles; keep it out of the training clock.
+        jax.block_until_ready(params)
+        compile_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+    jax.block_until_ready(params)
+    train_seconds += time.perf_counter() - start
+    log_eval(it)
+  for rec in records:
+    rec["compile_seconds"] = compile_seconds
+  return records
+
+
+def reference_values(problem: soc.SOCProblem, eval_seed: int, eval_batch_size: int) -> dict:
+  """``soc.evaluate_control`` of the exact control u* and of u = 0 on the evaluation paths (floats)."""
+  key = jax.random.PRNGKey(eval_seed)
+  out = {}
+  for name, control in [("u_star", soc.reference_as_control(problem.u_star)), ("zero", soc.zero_control)]:
+    stats = jax.jit(lambda: soc.evaluate_control(problem, control, None, problem.u_star, key, eval_batch_size))()
+    out[name] = {k: float(v) for k, v in stats.items()}
+  return out
+
+
+def summarise(records: list, target: float) -> dict:
+  """Final, best and first-below-``target`` L2 error of one method's records, with iterations and times."""
+  last = records[-1]
+  best = min(records, key=lambda r: r["l2_error"])
+  hit = next((r for r in records if r["l2_error"] <= target), None)
+  n_trained = max(last["iteration"] - 1, 1)
+  return {
+      "final_iteration": last["iteration"], "final_l2_error": last["l2_error"],
+      "final_l2_error_se": last["l2_error_se"], "final_objective": last["objective"],
+      "final_objective_se": last["objective_se"], "best_l2_error": best["l2_error"],
+      "best_iteration": best["iteration"], "best_train_seconds": best["train_seconds"], "l2_target": target,
+      "reached_target": hit is not None, "target_iteration": hit["iteration"] if hit else None,
+      "target_train_seconds": hit["train_seconds"] if hit else None, "train_seconds": last["train_seconds"],
+      "compile_seconds": last["compile_seconds"], "seconds_per_iteration": last["train_seconds"] / n_trained,
+  }
+
+
+def run(config, on_record: Optional[Callable] = None, on_problem: Optional[Callable] = None):
+  """Builds the problem, evaluates u* and u = 0, trains every method of ``config.methods``.
+
+  Args:
+    config: the run's ConfigDict (``validate_config`` is called first).
+    on_record: called with each evaluation record of every method (``train_method``).
+    on_problem: called as ``on_problem(problem, setup_seconds, reference)`` before training (for a log line).
+
+  Returns:
+    ``(summary, records_by_method)``: summary has problem, config, setup_seconds (problem and reference
+    solve), reference (``reference_values``), methods ({method: ``summarise``}), devices, total_seconds.
+  """
+  validate_config(config)
+  t0 = time.perf_counter()
+  problem = soc.get_problem(config.problem)
+  setup_seconds = time.perf_counter() - t0
+  reference = reference_values(problem, config.eval_seed, config.eval_batch_size)
+  if on_problem is not None:
+    on_problem(problem, setup_seconds, reference)
+  control = init_control(problem, config.hidden, config.seed, config.time_scale)
+  evaluate = make_evaluator(problem, control[0], config.eval_seed, config.eval_batch_size)
+  records_by_method, methods = {}, {}
+  for method in config.methods:
+    records_by_method[method] = train_method(method, problem, config, on_record, control=control, evaluate=evaluate)
+    methods[method] = summarise(records_by_method[method], config.l2_target)
+  summary = {"problem": problem.name, "config": config.to_dict(), "setup_seconds": setup_seconds,
+             "reference": reference, "methods": methods, "devices": str(jax.devices()),
+             "total_seconds": time.perf_counter() - t0}
+  return summary, records_by_method
