@@ -6,7 +6,7 @@ compilation with a ``ValueError`` whose message names the offending field (e.g.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 
@@ -224,7 +224,48 @@ def build_optimizer(cfg, path: str, total_steps: int):
                                  o.grad_clip or None, o.weight_decay)
 
 
-BUILTIN_REWARDS = ("linear", "quadratic", "prompt", "target_class", "ink")
+BUILTIN_REWARDS = ("linear", "quadratic", "prompt", "target_class", "ink", "thickness", "weighted")
+# Image reward terms: name -> (trained reward, its held-out gold twin or None).  'class' = log p_A(target | x)
+# (twin: classifier B), 'prompt' = log p_A(label | x) (twin: B), 'thickness' = soft stroke width (twin: the
+# binarised distance-transform width), 'ink' = mean ink (no twin).
+IMAGE_TERMS = ("class", "prompt", "thickness", "ink")
+_SINGLE_TERM = {"target_class": "class", "prompt": "prompt", "ink": "ink", "thickness": "thickness"}
+
+
+def resolve_path(path: str) -> str:
+  """``shipped:NAME`` -> the directory ``NAME`` of the checkpoints shipped inside the package
+  (``am_jax/assets/NAME``: pre-trained MNIST bases and reward classifiers); other paths unchanged."""
+  if isinstance(path, str) and path.startswith("shipped:"):
+    import importlib.resources
+    return str(importlib.resources.files("am_jax") / "assets" / path[len("shipped:"):])
+  return path
+
+
+def parse_terms(text: str, field: str = "reward.terms") -> dict:
+  """``"class:1.0,thickness:0.3"`` -> {"class": 1.0, "thickness": 0.3} (ConfigError naming ``field``)."""
+  out = {}
+  for item in [s.strip() for s in str(text).split(",") if s.strip()]:
+    name, sep, weight = item.partition(":")
+    try:
+      w = float(weight) if sep else 1.0
+    except ValueError:
+      raise ConfigError(f"config.{field} = {text!r}: weight {weight!r} of {name!r} is not a number.") from None
+    if name not in IMAGE_TERMS:
+      raise ConfigError(f"config.{field} = {text!r}: unknown term {name!r}; terms are {IMAGE_TERMS}.")
+    if not np.isfinite(w):
+      raise ConfigError(f"config.{field} = {text!r}: weight of {name!r} must be finite.")
+    out[name] = w
+  if not out or all(w == 0 for w in out.values()):
+    raise ConfigError(f"config.{field} = {text!r}: needs at least one term with a non-zero weight, e.g. "
+                      "'class:1.0,thickness:0.3'.")
+  return out
+
+
+def _term_names(cfg) -> list:
+  name = cfg.reward.name
+  if name == "weighted":
+    return list(parse_terms(cfg.reward.get("terms", "")))
+  return [_SINGLE_TERM[name]] if name in _SINGLE_TERM else []
 
 
 def validate_reward(cfg):
@@ -235,24 +276,57 @@ def validate_reward(cfg):
   elif name == "quadratic":
     require(cfg, "reward.a", lambda v: np.all(np.isfinite(v)), "finite")
     require(cfg, "reward.b", lambda v: np.all(np.isfinite(v)), "finite")
-  elif name in ("prompt", "target_class"):
-    require(cfg, "reward.checkpoint", lambda v: isinstance(v, str) and v, "a classifier directory "
-            "(experiments.train_reward workdir)")
-    if name == "target_class":
-      require(cfg, "reward.target_class", lambda v: isinstance(v, int) and 0 <= v < 10, "a digit in 0..9")
   elif _is_callable_spec(name):
     load_callable(name, "reward.name")
+  terms = _term_names(cfg)
+  if terms and len(data_shape(cfg)) != 3:
+    raise ConfigError(f"config.reward.name = {name!r}: image rewards need image samples, got {data_shape(cfg)}.")
+  if set(terms) & {"class", "prompt"}:
+    require(cfg, "reward.checkpoint", lambda v: isinstance(v, str) and v, "a classifier directory "
+            "(`am-jax train-reward` workdir, or shipped:mnist_classifiers)")
+  if "class" in terms:
+    require(cfg, "reward.target_class", lambda v: isinstance(v, int) and 0 <= v < 10, "a digit in 0..9")
 
 
-def build_reward(cfg, sample_shape) -> tuple:
-  """(reward_fn, tilt): the RAW reward ``r(x, *cond) -> (B,)`` of ``cfg.reward`` and, for linear/quadratic
-  rewards, ``tilt(mixture, lam)`` giving the exact tilted mixture p exp(lam r) / Z (else None).
+class Rewards(NamedTuple):
+  """What ``build_rewards`` makes of ``cfg.reward``: the raw training reward, its named terms (logged), the
+  held-out gold twins (monitored, never trained on) and the exact tilt where one exists."""
+  reward_fn: Callable
+  terms: dict
+  gold: dict
+  tilt: Optional[Callable]
 
-  lambda is not read here: it lives in ``config.am.reward_multiplier`` only (``Problem.lam``).
+
+def _image_term(cfg, name: str, gold: bool):
+  """(trained or gold) reward function of one image term; None when the term has no gold twin."""
+  if name in ("class", "prompt"):
+    which = "B" if gold else cfg.reward.get("classifier", "A")
+    if gold and cfg.reward.get("gold_classifier", "B") is None:
+      return None
+    apply_fn, _, params, _ = load_classifier(resolve_path(cfg.reward.checkpoint), which)
+    if name == "prompt":
+      return classifiers.prompt_consistency_reward(apply_fn, params)
+    return classifiers.target_class_reward(apply_fn, params, int(cfg.reward.target_class))
+  if name == "thickness":
+    return rewards_lib.gold_stroke_thickness if gold else rewards_lib.stroke_thickness
+  if name == "ink":
+    return None if gold else classifiers.ink_reward
+  raise ConfigError(f"config.reward: unknown term {name!r}.")
+
+
+def build_rewards(cfg, sample_shape) -> Rewards:
+  """The rewards of ``cfg.reward`` (``Rewards``).  lambda is not read here: it lives in
+  ``config.am.reward_multiplier`` only (``Problem.lam``).
+
+  ``reward.name``: 'linear' / 'quadratic' (exact tilts of mixtures), an image term ('target_class', 'prompt',
+  'thickness', 'ink'), 'weighted' with ``reward.terms = "class:1.0,thickness:0.3"`` (r = sum_i w_i r_i, each
+  r_i logged as its own curve), or a user ``"pkg.mod:reward_fn"``.  Image terms get their gold twins unless
+  ``reward.gold = False``.
   """
   validate_reward(cfg)
   name = cfg.reward.name
   dim = int(np.prod(sample_shape))
+
   def vector(field, shape):
     value = _get(cfg, field)
     if np.ndim(value) == 0 or np.shape(value) == shape:
@@ -262,21 +336,34 @@ def build_reward(cfg, sample_shape) -> tuple:
 
   if name == "linear":
     c = vector("reward.c", (dim,))
-    return rewards_lib.linear_reward(c), lambda m, lam: gmm_lib.tilt_linear(m, lam * c)
+    return Rewards(rewards_lib.linear_reward(c), {}, {}, lambda m, lam: gmm_lib.tilt_linear(m, lam * c))
   if name == "quadratic":
     a = cfg.reward.a
     a_mat = jnp.eye(dim) * float(a) if np.ndim(a) == 0 else vector("reward.a", (dim, dim))
     b_vec = vector("reward.b", (dim,))
-    return (rewards_lib.quadratic_reward(a_mat, b_vec),
-            lambda m, lam: gmm_lib.tilt_quadratic(m, lam * a_mat, lam * b_vec))
-  if name == "ink":
-    return classifiers.ink_reward, None
-  if name in ("prompt", "target_class"):
-    apply_fn, _, params, _ = load_classifier(cfg.reward.checkpoint, cfg.reward.get("classifier", "A"))
-    if name == "prompt":
-      return classifiers.prompt_consistency_reward(apply_fn, params), None
-    return classifiers.target_class_reward(apply_fn, params, int(cfg.reward.target_class)), None
-  return load_callable(name, "reward.name"), None
+    return Rewards(rewards_lib.quadratic_reward(a_mat, b_vec), {}, {},
+                   lambda m, lam: gmm_lib.tilt_quadratic(m, lam * a_mat, lam * b_vec))
+  if _is_callable_spec(name):
+    return Rewards(load_callable(name, "reward.name"), {}, {}, None)
+  with_gold = bool(cfg.reward.get("gold", True))
+  if name == "weighted":
+    weights = parse_terms(cfg.reward.terms)
+    terms = {t: _image_term(cfg, t, False) for t in weights}
+    reward_fn = rewards_lib.weighted_sum({t: (terms[t], w) for t, w in weights.items()}).reward
+  else:
+    t = _SINGLE_TERM[name]
+    terms = {t: _image_term(cfg, t, False)}
+    reward_fn = terms[t]
+  gold = {}
+  if with_gold:
+    gold = {t: g for t in terms if (g := _image_term(cfg, t, True)) is not None}
+  return Rewards(reward_fn, terms if name == "weighted" else {}, gold, None)
+
+
+def build_reward(cfg, sample_shape) -> tuple:
+  """(reward_fn, tilt) of ``build_rewards`` (the training reward and the exact tilt, where one exists)."""
+  r = build_rewards(cfg, sample_shape)
+  return r.reward_fn, r.tilt
 
 
 def save_classifier(directory: str, name: str, params, info: dict):
@@ -293,6 +380,7 @@ def load_classifier(directory: str, name: str):
   """(apply_fn, features_fn, params, info) of a classifier saved by ``save_classifier``."""
   import json
   import os
+  directory = resolve_path(directory)
   d = os.path.join(os.path.abspath(directory), name)
   if not os.path.isfile(os.path.join(d, "config.json")):
     raise FileNotFoundError(f"{d!r} holds no classifier: train one with `am-jax train-reward` "
@@ -384,13 +472,13 @@ def build_problem(cfg, base_apply: Callable, base_params, name: str = "") -> Pro
   validate_finetune(cfg)
   sample_shape = data_shape(cfg)
   am_config = build_am_config(cfg)
-  reward_fn, tilt = build_reward(cfg, sample_shape)
+  rewards = build_rewards(cfg, sample_shape)
   net_apply, params, param, merge = build_finetuned(cfg, base_apply, base_params, sample_shape)
   exact = exact_data_mixture(cfg)
   return Problem(base_apply=base_apply, base_params=base_params, net_apply=net_apply, init_params=params,
-                 parameterisation=param, config=am_config, reward_fn=reward_fn, sample_shape=sample_shape,
-                 cond_fn=build_cond_fn(cfg), exact_base=exact, tilt=tilt if exact is not None else None,
-                 lora_merge=merge, name=name or cfg.get("name", ""))
+                 parameterisation=param, config=am_config, reward_fn=rewards.reward_fn, sample_shape=sample_shape,
+                 cond_fn=build_cond_fn(cfg), reward_terms=rewards.terms, gold_rewards=rewards.gold, exact_base=exact,
+                 tilt=rewards.tilt if exact is not None else None, lora_merge=merge, name=name or cfg.get("name", ""))
 
 
 def load_base(cfg, mesh=None):
@@ -405,7 +493,7 @@ def load_base(cfg, mesh=None):
   import os
   if cfg.model.kind == "exact":
     return build_velocity_model(cfg, data_shape(cfg), cfg.seed)
-  base_dir = require(cfg, "base_checkpoint", lambda v: isinstance(v, str) and v, "a directory")
+  base_dir = resolve_path(require(cfg, "base_checkpoint", lambda v: isinstance(v, str) and v, "a directory"))
   if os.path.isdir(os.path.join(base_dir, "checkpoints")):
     apply_fn, params, base_cfg = load_pretrained(base_dir, mesh)
     if base_cfg.schedule != cfg.schedule:
@@ -498,7 +586,7 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
   am_config = build_am_config(cfg)
   validate_reward(cfg)
   if cfg.reward.name in ("linear", "quadratic"):
-    build_reward(cfg, data_shape(cfg))  # checks the coefficient shapes against the samples
+    build_rewards(cfg, data_shape(cfg))  # checks the coefficient shapes against the samples
   build_cond_fn(cfg)
   if "method" in cfg:
     build_method(cfg, am_config)

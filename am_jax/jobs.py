@@ -282,17 +282,24 @@ def evaluate(cfg, workdir: str, problem: Problem, params) -> dict:
 
 
 def load_finetuned(cfg, workdir: str, mesh=None):
-  """(problem, params) of the fine-tuning job in ``workdir``: the latest checkpoint's (EMA) params."""
-  problem = build_finetune_problem(_with_base(cfg, workdir), workdir, mesh)
-  optimizer = builders.build_optimizer(cfg, "finetune.optimizer", cfg.finetune.steps)
+  """(problem, params) of the fine-tuning job in ``workdir``: the latest checkpoint's (EMA) params.
+
+  The job's own config (stored with its checkpoints) defines the problem (parameterisation, lambda, ...);
+  ``cfg`` is only the fallback for checkpoints written without one.
+  """
+  import ml_collections
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"No fine-tuning checkpoint in {workdir}/checkpoints: run `am-jax finetune` first.")
-    state = ckpt.restore(None, training.init_state(problem.init_params, optimizer, cfg.seed), mesh)
+    stored = ckpt.restore_config()
+    run_cfg = ml_collections.ConfigDict(stored) if stored else cfg
+    problem = build_finetune_problem(_with_base(run_cfg, workdir), workdir, mesh)
+    optimizer = builders.build_optimizer(run_cfg, "finetune.optimizer", run_cfg.finetune.steps)
+    state = ckpt.restore(None, training.init_state(problem.init_params, optimizer, run_cfg.seed), mesh)
   finally:
     ckpt.close()
-  return problem, sharding.to_local(training.eval_params(state, cfg.finetune.ema_decay))
+  return problem, sharding.to_local(training.eval_params(state, run_cfg.finetune.ema_decay))
 
 
 def _with_base(cfg, workdir: str):
