@@ -21,6 +21,7 @@ from am_jax import dynamics
 from am_jax import gmm as gmm_lib
 from am_jax import losses
 from am_jax import models
+from am_jax import parameterisation
 from am_jax import rewards as rewards_lib
 from am_jax import schedules as schedules_lib
 from am_jax import sharding as sharding_lib
@@ -475,10 +476,18 @@ def build_problem(cfg, base_apply: Callable, base_params, name: str = "") -> Pro
   rewards = build_rewards(cfg, sample_shape)
   net_apply, params, param, merge = build_finetuned(cfg, base_apply, base_params, sample_shape)
   exact = exact_data_mixture(cfg)
+  w = float(cfg.finetune.get("guidance", 1.0))
+  mode = cfg.finetune.get("guidance_mode", "sampling")
+  null = int(cfg.model.get("num_classes", 0) or 0) or None
+  if w != 1.0 and mode == "base":
+    # Fine-tune toward the tilt of the GUIDED base v_null + w (v_c - v_null); the fine-tuned network (a copy
+    # of the conditional network) is sampled without guidance.
+    base_apply = parameterisation.guided(base_apply, w, null)
   return Problem(base_apply=base_apply, base_params=base_params, net_apply=net_apply, init_params=params,
                  parameterisation=param, config=am_config, reward_fn=rewards.reward_fn, sample_shape=sample_shape,
                  cond_fn=build_cond_fn(cfg), reward_terms=rewards.terms, gold_rewards=rewards.gold, exact_base=exact,
-                 tilt=rewards.tilt if exact is not None else None, lora_merge=merge, name=name or cfg.get("name", ""))
+                 tilt=rewards.tilt if exact is not None else None, lora_merge=merge,
+                 sample_guidance=w if mode == "sampling" else 1.0, null_label=null, name=name or cfg.get("name", ""))
 
 
 def load_base(cfg, mesh=None):
@@ -568,6 +577,15 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
             "a tuple of positive ints")
   if param == "lora":
     require(cfg, "finetune.lora_rank", _positive_int, "a positive integer")
+  if "guidance" in cfg.finetune:
+    w = require(cfg, "finetune.guidance", lambda v: np.isfinite(v) and v >= 0, "a finite weight >= 0 (1 = none)")
+    mode = require(cfg, "finetune.guidance_mode", lambda v: v in ("base", "sampling"), "'base' or 'sampling'")
+    if w != 1.0 and not cfg.model.get("num_classes", 0):
+      raise ConfigError(f"config.finetune.guidance = {w}: classifier-free guidance needs a class-conditional "
+                        "model (config.model.num_classes > 0).")
+    if w != 1.0 and mode == "base" and param in ("control", "velocity"):
+      raise ConfigError("config.finetune.guidance_mode = 'base' needs parameterisation 'full' or 'lora' (the "
+                        "fine-tuned model is the unguided network).")
   require(cfg, "finetune.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")
   require(cfg, "finetune.log_every", _positive_int, "a positive integer")
   validate_optimizer(cfg, "finetune.optimizer")

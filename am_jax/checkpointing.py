@@ -105,7 +105,10 @@ def load_params(directory: str, target):
   directory = directory if "://" in directory else os.path.abspath(directory)
   if "://" not in directory and not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory!r}: no such params directory.")
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  # An explicit target sharding: a checkpoint written on another machine (e.g. a GPU) names devices that do
+  # not exist here; restore onto this process's first device instead.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
   with ocp.StandardCheckpointer() as ckptr:
     try:
       return ckptr.restore(directory, abstract)

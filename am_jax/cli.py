@@ -32,6 +32,7 @@ COMMANDS = {
     "train-reward": ("train_reward", "train a reward classifier"),
     "toy-figure": ("toy_figure", "paper Fig. 2 on the exact 1-D problem, several seeds"),
     "reproduce": ("reproduce", "rerun the commands behind the README / BUILD_NOTES figures"),
+    "ship-assets": ("ship_assets", "regenerate the shipped MNIST bases and reward classifiers"),
 }
 
 

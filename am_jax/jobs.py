@@ -214,7 +214,8 @@ class _RewardWatch:
     self.monitor = None
     if problem.gold_rewards:
       from am_jax import monitor as monitor_lib
-      self.monitor = monitor_lib.HackingMonitor(**dict(cfg.eval.get("monitor", {})))
+      options = cfg.eval.get("monitor", {}) or {}
+      self.monitor = monitor_lib.HackingMonitor(**(options.to_dict() if hasattr(options, "to_dict") else options))
 
   def __call__(self, params, step: int) -> dict:
     out = {k: float(v) for k, v in self._report(params).items()}

@@ -62,7 +62,11 @@ class Problem:
     gold_rewards: named held-out rewards (the monitor's gold twins; never used in training).
     exact_base: the base distribution as a ``gmm.GaussianMixture`` when it is exact, else None.
     tilt: ``tilt(mixture, lam) -> mixture``: the exact tilted target of ``exact_base`` (None if unknown).
-    lora_merge: for 'lora', ``merge(base_params, adapters) -> params of base_apply``.
+    lora_merge: for 'lora', ``merge(base_params, adapters) -> params of net_apply`` (the base network).
+    sample_guidance: classifier-free guidance weight w applied when SAMPLING (``sample``): v_null + w (v_c -
+      v_null) of the sampled model (1 = none).  Guidance DURING fine-tuning is a guided ``base_apply`` instead
+      (``builders``: ``finetune.guidance_mode = 'base'``).
+    null_label: the null (unconditional) label of a class-conditional model (needed when guiding).
     name: a label for logs.
   """
 
@@ -80,11 +84,15 @@ class Problem:
   exact_base: Any = None
   tilt: Optional[Callable] = None
   lora_merge: Optional[Callable] = None
+  sample_guidance: float = 1.0
+  null_label: Optional[int] = None
   name: str = ""
 
   def __post_init__(self):
     if self.parameterisation not in PARAMETERISATIONS:
       raise ValueError(f"Problem.parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}.")
+    if self.sample_guidance != 1.0 and self.null_label is None:
+      raise ValueError("Problem.sample_guidance != 1 needs the null_label of the class-conditional model.")
     if self.parameterisation == "lora" and self.lora_merge is None:
       raise ValueError("Problem.parameterisation = 'lora' needs lora_merge(base_params, adapters).")
     if not isinstance(self.config, losses.AMConfig):
@@ -132,8 +140,8 @@ class Problem:
     if self.parameterisation == "full":
       return self.net_apply
     if self.parameterisation == "lora":
-      base_apply, merge = self.base_apply, self.lora_merge
-      return lambda p, x, t, *cond: base_apply(merge(bp, p), x, t, *cond)
+      net_apply, merge = self.net_apply, self.lora_merge
+      return lambda p, x, t, *cond: net_apply(merge(bp, p), x, t, *cond)
     base = param_lib.mixed_precision(self.base_apply, dtype)
     return param_lib.residual_model(base, bp, self.net_apply, self.schedule, self.parameterisation)
 
@@ -184,7 +192,8 @@ class Problem:
   # -------------------------------------------------------------------------------------- sampling
   def sample(self, params, key, num: int, diffusion="ode", num_steps: Optional[int] = None, cond=None,
              which: str = "finetuned", return_trajectory: bool = False):
-    """``num`` samples of the fine-tuned (or ``which='base'``) model; conditions drawn by ``cond_fn`` if None.
+    """``num`` samples of the fine-tuned (or ``which='base'``) model; conditions drawn by ``cond_fn`` if None;
+    classifier-free guidance ``sample_guidance`` applied to the sampled model.
 
     Jittable (``num``, ``diffusion``, ``num_steps``, ``which`` static).  The grid is the config's
     (time offset, noiseless last step) with ``num_steps`` (default ``config.num_steps``) steps.
@@ -198,6 +207,8 @@ class Problem:
       apply_fn, p = self.finetuned_apply(), params
     else:
       raise ValueError(f"which must be 'finetuned' or 'base', got {which!r}.")
+    if self.sample_guidance != 1.0:
+      apply_fn = param_lib.guided(apply_fn, self.sample_guidance, self.null_label)
     c = self.config
     return sampling.sample(apply_fn, p, k_x, self.x_shape(num), c.schedule, diffusion, num_steps or c.num_steps,
                            c.time_offset, noiseless_last_step=c.noiseless_last_step, cond=cond,
