@@ -323,7 +323,11 @@ def time_floor(problem: Bench, params, base_params, warm: int = 3, iters: int = 
 
 
 def machine_info() -> dict:
-  return {"date": "2026-11-25", "machine": "2-core CPU, shared", "cpu_count": os.cpu_count(),
+  if jax.default_backend() == "cpu":
+    machine = f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores usable"
+  else:
+    machine = jax.devices()[0].device_kind
+  return {"date": time.strftime("%Y-%m-%d"), "machine": machine, "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
           "python": platform.python_version()}
 
