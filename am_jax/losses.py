@@ -5,17 +5,17 @@ the lean adjoint a (``am_jax.adjoint``), the loss regresses the control onto -si
 
     L(theta) = E sum_{k in S} | 2 / sigma(tau_k) (v_ft(X_k, tau_k; theta) - v_base(X_k, tau_k)) + sigma(tau_k) a_{k+1} |^2
 
-(a_{k+1}, the adjoint after step k, is the exact discrete-time target; BUILD_NOTES.md.)  For a
+(a_{k+1}, the adjoint after step k, is the exact discrete-time target; docs/maths.md section 3.)  For a
 non-memoryless diffusion (the biased baseline of paper Fig. 2) the control is
 u = (1 + c)(v_ft - v_base) / sigma with c = sigma^2 / (2 eta), which is 2 (v_ft - v_base) / sigma when
 memoryless.
 
 The gradient flows only through v_ft.  Practical choices of the paper (App. G, as attributed by
-public reproductions; each is an ``AMConfig`` field, see BUILD_NOTES.md for the checks):
+public reproductions; each is an ``AMConfig`` field, see docs/maths.md section 4 for the checks):
 
 * ``num_steps = 40`` uniform Euler-Maruyama steps; the coefficients of step k are evaluated at
   tau_k = t_k + time_offset * h so t = 0 is never evaluated.  The paper offsets by h
-  (time_offset = 1); we default to 1/2, measured 2x closer to the data (BUILD_NOTES.md).
+  (time_offset = 1); we default to 1/2, measured 2x closer to the data (docs/maths.md section 2).
 * ``noiseless_last_step``: the last step is an ODE step, so the reward gradient is taken at a
   noise-free X_1 (the adjoint passes through the same ODE step).
 * Loss time steps S: ``num_random_timesteps`` (10) drawn without replacement from the first
@@ -64,7 +64,7 @@ class AMConfig:
   # Diffusion used to sample the fine-tuning trajectories.  Must be 'memoryless' to reach the
   # tilted distribution (Thm. 1); other values exist to reproduce the bias of paper Fig. 2.
   diffusion: object = "memoryless"
-  # Memory (BUILD_NOTES.md section 12).  remat_segments = S > 0: ``adjoint_matching_objective`` keeps only S
+  # Memory (docs/performance.md section 12.3).  remat_segments = S > 0: ``adjoint_matching_objective`` keeps only S
   # segment-start states of the trajectory (S must divide num_steps) and recomputes each segment during
   # the backward adjoint, keeping only the states/adjoints of the loss time steps: O((S + K/S + M) B dim)
   # instead of O(K B dim), for K more forward passes of the fine-tuned model.  0 = off (store everything).
@@ -201,7 +201,7 @@ def adjoint_matching_loss(ft_apply_fn: Callable, ft_params, base_apply_fn: Calla
   # The control of step k moves X_{k+1} (d X_{k+1} / d u_k = h sigma_k), so the discrete-time
   # optimality condition is u_k = -sigma_k E[a_{k+1} | X_k]: pair X_k with a_{k+1}.  (With a_k
   # instead, the stiff first memoryless step, whose Jacobian is 1 - h kappa(tau_0), can flip the
-  # sign of the target; see BUILD_NOTES.md.)
+  # sign of the target; see docs/maths.md section 3.)
   return loss_at_timesteps(ft_apply_fn, ft_params, base_apply_fn, base_params, traj[idx], adj[idx + 1], idx,
                            batch.rewards, config, cond)
 

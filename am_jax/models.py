@@ -14,7 +14,7 @@ Both start at v_ft = v_base because the last layer is zero-initialised.
 The U-Net's convolutions use ``conv_general_dilated_fast_vjp``: the same convolution, whose input
 gradient is computed with an explicitly flipped and transposed (HWIO) kernel.  Inside a ``lax.scan``
 (the lean adjoint: one VJP of the base per step) XLA:CPU otherwise runs JAX's transposed convolution
-(kernel dims ``01oi``) on a slow path, 4x slower than outside a loop (BUILD_NOTES.md section 12).
+(kernel dims ``01oi``) on a slow path, 4x slower than outside a loop (docs/performance.md section 12.2).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def conv_general_dilated_fast_vjp(lhs, rhs, window_strides, padding, lhs_dilatio
   features), both with explicit transposes: exactly what JAX's transpose rules compute (bit-identical
   on CPU, tested), but JAX's rules emit convolutions with permuted dimension numbers (``01oi`` kernels,
   ``f01b`` inputs), which XLA:CPU runs on a slow path inside loops (4x for the input VJP in the lean
-  adjoint's ``lax.scan``, 25x for the weight gradient in the chunked loss; BUILD_NOTES.md section 12).  Applies to
+  adjoint's ``lax.scan``, 25x for the weight gradient in the chunked loss; docs/performance.md section 12.2).  Applies to
   stride-1, undilated, ungrouped convolutions with non-negative padding in flax's NH..WC / H..WIO
   layout (everything else falls back to ``lax.conv_general_dilated``).  Forward-mode AD (``jax.jvp``) is not available through a custom VJP:
   build the U-Net with ``fast_conv_vjp=False`` for that.

@@ -1,6 +1,6 @@
 """Forward simulation of the generative SDE family on a fixed time grid.
 
-Discretisation (documented in BUILD_NOTES.md, "t = 0"): the grid is t_k = k / K, k = 0..K, and step
+Discretisation (documented in docs/maths.md section 2, "t = 0"): the grid is t_k = k / K, k = 0..K, and step
 k (from t_k to t_{k+1}, size h_k) is one Euler-Maruyama step whose coefficients are evaluated at
 tau_k = t_k + offset * h_k (default offset = 1/2, the step midpoint):
 
@@ -110,7 +110,7 @@ def per_step(coeffs: StepCoefficients) -> Step:
 
   Scanning over them instead of indexing ``coeffs.dt[k]`` with the loop counter removes several small
   index-normalising gathers per step: 20-30 us per step on XLA:CPU, ~10% of a 2-D sampling step
-  (BUILD_NOTES.md section 12).  The arithmetic is unchanged.
+  (docs/performance.md section 12.2).  The arithmetic is unchanged.
   """
   return Step(coeffs.tau, coeffs.dt, coeffs.sigma, coeffs.drift_scale, coeffs.kappa)
 

@@ -1,6 +1,6 @@
 """Data-parallel sharding over every device with ``jax.sharding`` (Mesh + NamedSharding).
 
-Design (BUILD_NOTES.md, "Sharding"):
+Design (docs/training_system.md section 6):
 
 * One mesh axis, ``'data'``, over all devices of all hosts (``jax.devices()``), with
   ``AxisType.Auto`` so XLA propagates shardings through the jitted step.

@@ -67,7 +67,7 @@ def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: 
     reward_fn: ``reward_fn(x (B, d)) -> (B,)``, the raw reward; lambda is ``config.reward_multiplier``.
     config: AMConfig: schedule, sampling grid of the result (``evaluate_against_target``), network_dtype of the
       residual MLP (the exact base stays float32) and, by default, the objective's config (use
-      ``loss_clip=None`` here: the paper's clip removes the informative heavy-tailed terms, BUILD_NOTES.md).
+      ``loss_clip=None`` here: the paper's clip removes the informative heavy-tailed terms, docs/maths.md section 4).
     objective: an ``am_jax.methods`` objective, e.g. ``methods.eam(config, num_times=32)``; build it with the same
       ``config``.  Default: ``methods.am(config)`` (Adjoint Matching) with the network cast done here.
     steps, batch_size, learning_rate: Adam optimisation of the residual MLP (``hidden`` widths).
@@ -138,7 +138,7 @@ def evaluate_against_target(result: ToyResult, target: gmm_lib.GaussianMixture, 
 
   ``num_steps=None`` samples on the training grid (same K and time offset).  The control net is
   only trained at the grid times tau_k; a memoryless SDE on a finer grid evaluates it at smaller
-  t, where sigma(t) is largest, and measured 2-3x farther from the target (BUILD_NOTES.md).
+  t, where sigma(t) is largest, and measured 2-3x farther from the target (docs/maths.md section 2).
   Also reports the distance between two independent target samples of the same size (the noise
   floor) and, in 1-D, ``distance_to_cdf``: W1 to the exact target CDF (no second-sample noise).
   """

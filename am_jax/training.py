@@ -4,7 +4,7 @@ Both steps are ``state -> (state, metrics)`` with ``state`` a plain pytree (``Tr
 one ``jax.jit`` per step with explicit in/out shardings (state replicated, everything batched
 sharded over the mesh's data axis inside the step) and the state donated, so XLA updates it in
 place.  The step's randomness is ``fold_in(state.rng, state.step)``: a restored checkpoint replays
-exactly the same keys, which is what makes kill-and-resume bit-identical (BUILD_NOTES.md).
+exactly the same keys, which is what makes kill-and-resume bit-identical (docs/training_system.md section 6).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Performance benchmarks (issue 6): train-step time vs the network-work floor, sampling, memory, scaling.
 
 Run from the repository root, e.g. ``python -m benchmarks.train_step --config=configs/gmm2d.py``.
-Results and the commands that produced them: ``BUILD_NOTES.md section 12`` (raw JSON: ``benchmarks/results/``).
+Results and the commands that produced them: ``docs/performance.md`` (raw JSON: ``benchmarks/results/``).
 """

@@ -38,7 +38,7 @@ flags.DEFINE_string("network_dtype", "", "Override AMConfig.network_dtype ('floa
 flags.DEFINE_integer("remat_segments", -1, "Override AMConfig.remat_segments (-1: config value).")
 flags.DEFINE_bool("chunk_loss", None, "Override AMConfig.chunk_loss.")
 flags.DEFINE_bool("fast_conv_vjp", True, "U-Net convolutions with models.conv_general_dilated_fast_vjp "
-                  "(False: JAX's own VJPs, the 'before' of BUILD_NOTES.md section 12).")
+                  "(False: JAX's own VJPs, the 'before' of docs/performance.md section 12.2).")
 
 
 def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pieces=True, overrides=None) -> dict:

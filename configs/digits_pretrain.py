@@ -42,11 +42,11 @@ def _ring_config():  # configs/gmm2d.py (kept self-contained: configs ship as pa
   c.reward = dict(name="quadratic", a=0.5, b=(1.0, 0.5), c=0.0)
   c.name = "gmm2d"
 
-  # Adjoint Matching (paper values except loss_clip; BUILD_NOTES.md section 4).
+  # Adjoint Matching (paper values except loss_clip; docs/maths.md section 4).
   c.am = dict(reward_multiplier=1.0, num_steps=40, time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=10, random_timestep_fraction=0.75, num_last_timesteps=10,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
-              # Memory / precision options (BUILD_NOTES.md section 12); the defaults store everything in float32.
+              # Memory / precision options (docs/performance.md sections 12.3-12.4); the defaults store everything in float32.
               remat_segments=0, chunk_loss=False, network_dtype="float32")
 
   # The fine-tuning method: am_jax.methods.build(name, AMConfig, **options) with name in am, eam, draft, refl, ...

@@ -6,7 +6,7 @@ Classifier A (``small_cnn``, seed 1) is the fine-tuning reward; classifier B (``
 different architecture) is held out for evaluation (held-out reward, accuracy, Fréchet distance and
 diversity features).  Both train on ``data.digits('train')`` (1,500 images) with light Gaussian-noise
 augmentation so their input gradients are informative off the data manifold too.  Measured
-(2-core CPU, shared, 2026-11-25): 70 s in total; test accuracy A 0.9966, B 0.9966 (BUILD_NOTES.md section 11).
+(2-core CPU, shared, 2026-11-25): 70 s in total; test accuracy A 0.9966, B 0.9966 (docs/images.md).
 """
 import ml_collections
 

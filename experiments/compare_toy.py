@@ -58,7 +58,7 @@ RUNS = {
     "discrete_adjoint": ("discrete_adjoint", {}),
     "eam": ("eam", {}),
     "eam_unweighted": ("eam", {"weights": "none"}),
-    # EAM sampler / variance ablations (BUILD_NOTES.md section 8.7g).
+    # EAM sampler / variance ablations (docs/eam.md (g)).
     "eam_uniform_grid": ("eam", {"time_power": 1.0}),
     "eam_64_times": ("eam", {"num_times": 64}),
     "am_const_sigma_0.2": ("am_const_sigma", {"sigma": 0.2}),

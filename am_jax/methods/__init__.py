@@ -11,7 +11,7 @@ diffusion, solver, loss time steps and loss_clip (AM family).  Each method's own
 factory, checked when the objective is built (one-line ValueError naming the argument).  Every objective applies
 ``sharding.constrain_batch`` to its batch-axis intermediates when given a mesh.  Build by name with ``build``.
 
-Methods (derivations and measurements: BUILD_NOTES.md section 8; families are the submodules):
+Methods (derivations and measurements: docs/methods.md, docs/comparisons.md; families are the submodules):
 
   am                  (``adjoint_matching``) Adjoint Matching, lean adjoint (paper Alg. 1, Eq. 25).
   am_const_sigma      (``adjoint_matching``) AM sampled with a constant sigma (the biased baseline of paper Fig. 2).

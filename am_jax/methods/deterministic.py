@@ -1,7 +1,7 @@
 """Deterministic Adjoint Matching: ODE dynamics, a truncated lean adjoint and general regularisers.
 
 The fixed point is NOT the tilted distribution: it is the push-forward of N(0, I) by the per-trajectory optimal
-deterministic control (``deterministic_reference_samples`` solves it directly); BUILD_NOTES.md section 8.
+deterministic control (``deterministic_reference_samples`` solves it directly); docs/methods.md section 8.8.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Efficient Adjoint Matching: Gaussian reference base with a linear drift, few-step ODE sampling, closed-form adjoint.
 
-Derived in BUILD_NOTES.md section 8.  Replace the memoryless base b_base = 2 v_base - kappa x by the memoryless
+Derived in docs/eam.md.  Replace the memoryless base b_base = 2 v_base - kappa x by the memoryless
 process of the Gaussian reference p_ref = N(0, s^2 I), whose drift b_ref(x, t) = A(t) x is linear, and the terminal
 cost -r by g(x) = -r(x) - log p_base(x) + log p_ref(x).  Both bases are memoryless and share the bridge law given X_1,
 so the optimal path measure p_ref(X_1) e^{-g(X_1)} P(X | X_1) / Z = p_base(X_1) e^{r(X_1)} P(X | X_1) / Z is AM's:
@@ -182,7 +182,7 @@ def self_normalised_weights(log_w, max_log_weight: float = 0.0):
 def eam(config: losses.AMConfig = losses.AMConfig(), ode_steps: int = 8, ode_solver: str = "midpoint",
         num_times: int = 16, ref_std: float = 1.0, score_time: float = 0.999, time_range: tuple = (1e-3, 1.0 - 1e-3),
         weights: str = "auto", time_power: float = 2.0, max_log_weight: float = 0.0) -> _common.Objective:
-  """Efficient Adjoint Matching (module docstring; BUILD_NOTES.md section 8).
+  """Efficient Adjoint Matching (module docstring; docs/eam.md).
 
   (i) The lean adjoint of a linear drift is closed form: a(t) = Phi(1, t) a(1), a(1) = grad g(X_1)
   (``linear_reference``): no backward simulation.  (ii) It depends on the path only through X_1, and the optimal
@@ -195,7 +195,7 @@ def eam(config: losses.AMConfig = losses.AMConfig(), ode_steps: int = 8, ode_sol
   whose fixed point is v_ft = v_{p*} (target-score identity).  grad log p_base is read off the base velocity at
   t_s = ``score_time`` (``base_data_score``).  Unweighted (w = 1), with X_1 ~ p_n of the current model, the
   regression returns v_{p_n} + eta Phi E[grad log(p* / p_n)(X_1) | X_t]: mode weights are (nearly) neutral
-  (``gmm.bimodal_1d`` keeps mass 0.63 vs 0.88; BUILD_NOTES.md 8.7f-g).  The self-normalised importance weights
+  (``gmm.bimodal_1d`` keeps mass 0.63 vs 0.88; docs/eam.md (f)-(g)).  The self-normalised importance weights
   w oc p*(X_1) / p_n(X_1) = e^{lambda r} p_base / p_n, with log(p_base / p_n)(X_1) integrated along the sampler's
   ODE path (``log_ratio_rate``), make the regression target v* at every step.
 
