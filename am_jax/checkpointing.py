@@ -25,6 +25,8 @@ def abstract_state(state, mesh=None):
   """ShapeDtypeStructs of ``state`` carrying the target shardings (replicated on ``mesh``)."""
   def leaf(x):
     sharding = sharding_lib.replicated(mesh) if mesh is not None else getattr(x, "sharding", None)
+    if sharding is None:  # a ShapeDtypeStruct target without a mesh: this process's first device
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   return jax.tree.map(leaf, state)

@@ -83,5 +83,5 @@ def get_config(arg: str = ""):
   c.mesh = dict(num_devices=-1)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.eval = dict(num_samples=256, num_steps=20, every=20, watch_samples=128, samples_per_class=20, guidance=2.0,
-                grid_per_class=8, monitor=dict(window=5, margin=0.0, min_rise=0.0))
+                grid_per_class=8, monitor=dict(window=5, margin=0.1, min_rise=0.05))
   return c
