@@ -33,6 +33,7 @@ COMMANDS = {
     "toy-figure": ("toy_figure", "paper Fig. 2 on the exact 1-D problem, several seeds"),
     "reproduce": ("reproduce", "rerun the commands behind the README / BUILD_NOTES figures"),
     "ship-assets": ("ship_assets", "regenerate the shipped MNIST bases and reward classifiers"),
+    "sweep": ("sweep", "seeded reward-diversity sweep: lambda x seeds x methods on MNIST (table, Pareto plot)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""One process of the 2-process jax.distributed test (launched by tests/test_training.py).
+"""One process of the 2-process jax.distributed test (launched by tests/integration/test_training_system.py).
 
     python tests/distributed_worker.py <port> <process_id> <workdir>
 
@@ -11,21 +11,21 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, ".")
-from tests.launch_helpers import tiny_config  # noqa: E402
+from tests.launch_helpers import DISTRIBUTED_OVERRIDES, tiny_config  # noqa: E402
 
 
 def main():
   port, pid, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-  cfg = tiny_config(**{"distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
-                       "distributed.num_processes": 2, "distributed.process_id": pid})
+  cfg = tiny_config(**DISTRIBUTED_OVERRIDES, **{
+      "distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
+      "distributed.num_processes": 2, "distributed.process_id": pid})
   from am_jax import jobs, launch
   launch.maybe_initialize_distributed(cfg)
   assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.device_count())
-  from am_jax import checkpointing, sharding, training
+  from am_jax import checkpointing, sharding
   summary, state, _ = jobs.finetune(cfg, workdir, return_state=True)
   final = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
   # Orbax restore onto the global mesh, independently of the run.

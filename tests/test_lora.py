@@ -8,18 +8,12 @@ import pytest
 from flax import nnx
 
 from am_jax import checkpointing, lora, models, transformer
+from tests import model_helpers
 
 
 def _functional(ctor, seed=0):
-  """(apply_fn, params) of ``ctor()`` with host-drawn random params.
-
-  ``models.functional`` on the abstract module (``nnx.eval_shape``) gives the real apply_fn; the params
-  are filled with NumPy normals instead of the module's initialisers, which would compile one XLA
-  program per leaf shape (tens of seconds for a U-Net on a busy 2-core CPU) and matter nothing here.
-  """
-  apply_fn, abstract = models.functional(nnx.eval_shape(ctor))
-  rng = np.random.default_rng(seed)
-  return apply_fn, jax.tree.map(lambda s: jnp.asarray(0.2 * rng.normal(size=s.shape).astype(np.float32)), abstract)
+  """(apply_fn, params) of ``ctor()`` with host-drawn random params (the initialisers matter nothing here)."""
+  return model_helpers.host_init(ctor, 0.2, seed)
 
 
 NETS = {

@@ -1,133 +1,87 @@
-"""Problem and builders.build_problem: one construction of a fine-tuning problem, validated up front."""
-import os
-import sys
-import textwrap
-
-import chex
+"""``am_jax.problem.Problem``: the fine-tuned model of each parameterisation, lambda in one place, the exact
+target, reward reports, sampling, and shape checks that name the function and the expected shape."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from am_jax import builders, dynamics, gmm, losses, methods, schedules, training
+from am_jax import gmm, losses, rewards, schedules, toy
 from am_jax.problem import Problem
-from tests.launch_helpers import tiny_config
+
+S = schedules.LinearSchedule()
+RING = gmm.ring_2d(num=3)
+NET = lambda p, x, t: p["w"] * jnp.tanh(x) + p["b"]  # noqa: E731
+PARAMS = {"w": jnp.float32(0.5), "b": jnp.array([0.1, -0.2])}
 
 
-def _problem(**overrides):
-  cfg = tiny_config(base_checkpoint="(random init)", **overrides)
-  base_apply, base_params = builders.build_velocity_model(cfg, builders.data_shape(cfg), cfg.seed)
-  return builders.build_problem(cfg, base_apply, base_params), cfg
+def _problem(parameterisation="control", **kw):
+  """A 2-D problem on the exact 3-component ring, reward r(x) = x_0, lambda = 2, a two-parameter residual NET."""
+  kw = {"config": losses.AMConfig(num_steps=8, reward_multiplier=2.0), "net_apply": NET, "exact_base": RING, **kw}
+  return Problem(base_apply=toy.mixture_base(RING, S), base_params=RING, init_params=PARAMS,
+                 parameterisation=parameterisation, reward_fn=rewards.linear_reward(jnp.array([1.0, 0.0])),
+                 sample_shape=(2,), tilt=lambda mix, lam: gmm.tilt_linear(mix, lam * jnp.array([1.0, 0.0])), **kw)
 
 
-def test_problem_from_config_residual_starts_at_base():
-  problem, cfg = _problem()
-  assert problem.sample_shape == (2,) and problem.parameterisation == "control"
-  assert problem.lam == cfg.am.reward_multiplier == problem.config.reward_multiplier
+def test_parameterisations_of_the_finetuned_model():
   x, t = jax.random.normal(jax.random.PRNGKey(0), (5, 2)), jnp.full((5,), 0.3)
-  v_ft = problem.finetuned_apply()(problem.init_params, x, t)
-  np.testing.assert_allclose(v_ft, problem.base_apply(problem.base_params, x, t), atol=1e-6)
-  # The exact target follows lambda: change lambda through the config, the target changes with it.
-  t1, t2 = problem.exact_target, problem.with_config(reward_multiplier=3.0).exact_target
-  assert not np.allclose(np.asarray(t1.means), np.asarray(t2.means))
-  rep = problem.reward_report(x)
-  assert set(rep) == {"reward"}
-
-
-def test_full_and_velocity_parameterisations():
-  full, _ = _problem(**{"finetune.parameterisation": "full"})
-  assert full.finetuned_apply() is full.net_apply
-  assert full.merged_params(full.init_params) is full.init_params
-  vel, _ = _problem(**{"finetune.parameterisation": "velocity"})
+  v_base = gmm.velocity(RING, x, t, S)
+  np.testing.assert_allclose(_problem("velocity").finetuned_apply()(PARAMS, x, t), v_base + NET(PARAMS, x, t),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_problem("control").finetuned_apply()(PARAMS, x, t),
+                             v_base + 0.5 * S.memoryless_sigma(t)[:, None] * NET(PARAMS, x, t), rtol=1e-5, atol=1e-6)
+  full = _problem("full")
+  assert full.finetuned_apply() is NET and full.merged_params(PARAMS) is PARAMS
   with pytest.raises(ValueError, match="no merged form"):
-    vel.merged_params(vel.init_params)
+    _problem("velocity").merged_params(PARAMS)
+  # 'lora': the base network (net_apply) with merged weights; here the "adapters" shift the mixture means.
+  lora = _problem("lora", net_apply=toy.mixture_base(RING, S), lora_merge=lambda bp, d: bp._replace(means=bp.means + d))
+  shift = jnp.array([[0.3, 0.0]] * 3)
+  np.testing.assert_allclose(lora.finetuned_apply()(shift, x, t),
+                             gmm.velocity(RING._replace(means=RING.means + shift), x, t, S), rtol=1e-6)
+
+
+def test_lambda_lives_in_the_config_and_moves_the_exact_target():
+  problem = _problem()
+  assert problem.lam == problem.config.reward_multiplier == 2.0
+  t2, t4 = problem.exact_target, problem.with_config(reward_multiplier=4.0).exact_target
+  assert problem.with_config(reward_multiplier=4.0).lam == 4.0
+  # The tilt by e^{lambda x_0} shifts every mean by lambda * Sigma e_0: twice as far for lambda 4.
+  np.testing.assert_allclose(t4.means - RING.means, 2.0 * (t2.means - RING.means), rtol=1e-5)
+  assert _problem(exact_base=None).exact_target is None
 
 
 def test_problem_rejects_bad_fields():
-  problem, _ = _problem()
+  problem = _problem()
   with pytest.raises(ValueError, match="parameterisation"):
     problem.replace(parameterisation="residual")
+  with pytest.raises(ValueError, match="lora_merge"):
+    problem.replace(parameterisation="lora")
   with pytest.raises(TypeError, match="AMConfig"):
     problem.replace(config={"reward_multiplier": 1.0})
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("finetune.batch_size", 30, "divisible by the 4 devices"),
-    ("reward.name", "nope", "config.reward.name"),
-    ("reward.name", "no_such_module_xyz:fn", "cannot import"),
-    ("model.kind", "math:no_such_attr", "has no attribute"),
-    ("method.name", "amm", "did you mean"),
-    ("finetune.parameterisation", "lora", None),  # valid: lora_rank is set
-    ("finetune.cond", "labels", "num_classes > 0"),
-    ("eval.num_samples", 0, "config.eval.num_samples"),
-])
-def test_validate_finetune_names_the_field(field, value, match):
-  cfg = tiny_config(base_checkpoint="(random init)", **{field: value})
-  if match is None:
-    builders.validate_finetune(cfg, num_devices=4)
-    return
-  with pytest.raises(ValueError, match=match):
-    builders.validate_finetune(cfg, num_devices=4)
-
-
-def test_user_callables_model_reward_and_x0_prediction(tmp_path, monkeypatch):
-  """A user's model factory (plain jnp, an x0 predictor) and reward, named as 'module:attribute'."""
-  (tmp_path / "user_task_mod.py").write_text(textwrap.dedent('''
-      import jax.numpy as jnp
-      def make_model(sample_shape, seed):
-        d = sample_shape[0]
-        params = {"w": jnp.zeros((d, d)), "b": jnp.zeros((d,))}
-        return (lambda p, x, t: x @ p["w"] + p["b"]), params
-      def reward(x):
-        return -jnp.sum((x - 1.0) ** 2, axis=-1)
-  '''))
-  monkeypatch.syspath_prepend(str(tmp_path))
-  cfg = tiny_config(**{"model.kind": "user_task_mod:make_model", "reward.name": "user_task_mod:reward",
-                       "data.name": "", "base_checkpoint": "x", "finetune.parameterisation": "full"})
-  with cfg.unlocked():
-    cfg.data.shape = (3,)
-    cfg.model.prediction = "x0"
-  base_apply, base_params = builders.build_velocity_model(cfg, builders.data_shape(cfg), 0)
-  problem = builders.build_problem(cfg, base_apply, base_params)
-  assert problem.sample_shape == (3,)
-  # x0-prediction 0 -> velocity of the data point 0: v = alphadot * 0 + betadot * eps with eps = x / beta.
-  x, t = jnp.ones((2, 3)), jnp.full((2,), 0.5)
-  sch = problem.schedule
-  np.testing.assert_allclose(problem.base_apply(base_params, x, t), sch.beta_dot(0.5) * x / sch.beta(0.5), rtol=1e-6)
-  np.testing.assert_allclose(problem.reward_fn(x), [0.0, 0.0])
-
-
-def test_prediction_as_velocity_matches_exact_mixture():
-  sch = schedules.LinearSchedule()
-  mix = gmm.bimodal_1d()
-  x, t = jnp.linspace(-2, 2, 7)[:, None], jnp.full((7,), 0.4)
-  v = gmm.velocity(mix, x, t, sch)
-  eps_fn = lambda p, x, t: dynamics.velocity_to_epsilon(gmm.velocity(p, x, t, sch), x, t, sch)  # noqa: E731
-  x0_fn = lambda p, x, t: dynamics.velocity_to_data(gmm.velocity(p, x, t, sch), x, t, sch)  # noqa: E731
-  for fn, kind in ((eps_fn, "epsilon"), (x0_fn, "x0")):
-    np.testing.assert_allclose(dynamics.prediction_as_velocity(fn, kind, sch)(mix, x, t), v, rtol=1e-4, atol=1e-5)
-  with pytest.raises(ValueError, match="prediction"):
-    dynamics.prediction_as_velocity(eps_fn, "score", sch)
-
-
-def test_finetune_step_from_problem_compiles_once_and_learns():
-  problem, cfg = _problem()
-  opt = builders.build_optimizer(cfg, "finetune.optimizer", 10)
-  step = training.make_finetune_step(problem, methods.am(problem.config), opt, 32)
-  state = training.init_state(problem.init_params, opt, 0)
-  for _ in range(3):
-    state, m = step(state, problem.base_params)
-  assert step._cache_size() == 1
-  assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
-  chex.assert_trees_all_equal_shapes(state.params, problem.init_params)
+def test_reward_report_and_sample():
+  problem = _problem(reward_terms={"x0": lambda x: x[:, 0]}, gold_rewards={"y": lambda x: -x[:, 1]})
+  x = jnp.array([[1.0, 2.0], [3.0, -4.0]])
+  rep = problem.reward_report(x)
+  assert rep == {"reward": 2.0, "reward/x0": 2.0, "gold/y": 1.0}
+  xs, base_xs = jax.jit(lambda p, k: (problem.sample(p, k, 64), problem.sample(None, k, 64, which="base")))(
+      PARAMS, jax.random.PRNGKey(0))
+  assert xs.shape == base_xs.shape == (64, 2) and not np.allclose(xs, base_xs)
+  with pytest.raises(ValueError, match="which"):
+    problem.sample(PARAMS, jax.random.PRNGKey(0), 4, which="target")
 
 
 def test_check_shapes_names_the_function():
-  problem, _ = _problem()
+  problem = _problem()
   problem.check_shapes(8)
   with pytest.raises(ValueError, match=r"reward_fn returned shape \(8, 2\); expected \(8,\)"):
     problem.replace(reward_fn=lambda x: x).check_shapes(8)
   with pytest.raises(ValueError, match=r"base_apply returned a velocity of shape \(8, 1\)"):
     problem.replace(base_apply=lambda p, x, t: x[:, :1]).check_shapes(8)
+  with pytest.raises(ValueError, match=r"fine-tuned model returned a velocity of shape \(8, 3\)"):
+    problem.replace(parameterisation="full", net_apply=lambda p, x, t: jnp.zeros((8, 3))).check_shapes(8)
   with pytest.raises(ValueError, match="gold_rewards\\['g'\\] failed"):
     problem.replace(gold_rewards={"g": lambda x, y: x}).check_shapes(8)
+  with pytest.raises(ValueError, match="leading batch axis 8"):
+    problem.replace(cond_fn=lambda k, b: (jnp.zeros((b + 1,)),)).check_shapes(8)

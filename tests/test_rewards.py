@@ -1,11 +1,10 @@
-"""Image rewards: stroke thickness and its gold twin, weighted sums, 28x28 classifier rewards."""
+"""``am_jax.rewards``: stroke thickness and its gold twin, weighted sums (classifier rewards: test_classifiers.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from am_jax import classifiers, data, rewards
+from am_jax import data, rewards
 
 
 def _bar(width, length=20, size=28):
@@ -82,31 +81,3 @@ def test_weighted_sum_terms_and_errors():
                      ({"": (lin, 1.0)}, "names")):
     with pytest.raises(ValueError, match=match):
       rewards.weighted_sum(bad)
-
-
-@pytest.mark.parametrize("arch", classifiers.ARCHS)
-def test_classifier_rewards_on_28x28(arch):
-  model = nnx.eval_shape(lambda: classifiers.build(arch, 0, image_size=28))
-  apply_fn, feat_fn, abstract = classifiers.functional(model)
-  rng = np.random.default_rng(0)  # host-drawn weights: avoids compiling one init program per leaf shape
-  params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape).astype(np.float32)), abstract)
-  x, _ = data.mnist("heldout", num_heldout=1000)
-  x = jnp.asarray(x[:4])
-  labels = jnp.array([0, 3, 9, 10], jnp.int32)
-  target = classifiers.target_class_reward(apply_fn, params, 3)
-  consistency = classifiers.prompt_consistency_reward(apply_fn, params)
-
-  @jax.jit
-  def run(z):
-    logp = jax.nn.log_softmax(apply_fn(params, z))
-    return (logp, feat_fn(params, z), target(z), jax.grad(lambda u: jnp.sum(target(u)))(z), consistency(z, labels))
-
-  logp, feats, r_target, g, r_cons = run(x)
-  assert logp.shape == (4, 10) and feats.shape == (4, 64 if arch == "small_cnn" else 128)
-  np.testing.assert_allclose(r_target, logp[:, 3], rtol=1e-6)  # log p(target | x), labels ignored
-  np.testing.assert_allclose(r_cons, [logp[0, 0], logp[1, 3], logp[2, 9], logp[3].max()], rtol=1e-6)
-  assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
-  with pytest.raises(ValueError, match="built for images"):
-    apply_fn(params, jnp.zeros((2, 8, 8, 1)))
-  with pytest.raises(ValueError, match="image_size"):
-    classifiers.build(arch, 0, image_size=2)

@@ -80,3 +80,13 @@ def test_sample_api_and_shape_errors():
     sampling.simulate(VF, jnp.zeros((4, 1)), jnp.zeros((9, 4, 1)), coeffs)
   with pytest.raises(ValueError, match="solver"):
     sampling.simulate(VF, jnp.zeros((4, 1)), jnp.zeros((10, 4, 1)), coeffs, solver="rk4")
+
+
+@pytest.mark.parametrize("num_steps, shape", [(40, (64, 2)), (7, (3, 8, 8, 1))])
+def test_noise_rows_are_the_rows_of_the_full_draw(num_steps, shape):
+  """The bounded-memory path regenerates noise rows bit-identically (partitionable threefry)."""
+  key = jax.random.split(jax.random.PRNGKey(5))[1]
+  full = np.asarray(sampling.draw_noise(key, num_steps, shape))
+  rows = jax.jit(lambda k, s: sampling.noise_rows(k, s, 3, num_steps, shape))
+  for start in (0, 2, num_steps - 3):
+    np.testing.assert_array_equal(np.asarray(rows(key, start)), full[start:start + 3])

@@ -6,13 +6,12 @@ import optax
 import pytest
 from flax import nnx
 
-from am_jax import models, transformer
+from am_jax import transformer
+from tests import model_helpers
 
 
 def _rngs():
-  # rbg keys: eager NNX initialisation compiles one small program per op; the threefry ones take
-  # 2-6x longer to compile than RngBitGenerator on a busy 2-core CPU.
-  return nnx.Rngs(jax.random.key(0, impl="rbg"))
+  return nnx.Rngs(0)  # (constructors that raise, or under nnx.eval_shape: no initialiser runs)
 
 
 def test_patchify_layout_and_sincos():
@@ -32,10 +31,10 @@ def test_patchify_layout_and_sincos():
 
 
 def test_forward_conditioning_and_training_step():
-  net = transformer.DiT(image_size=28, patch_size=4, width=32, depth=2, num_heads=2, num_classes=10,
-                        pos_embed="learned", rngs=_rngs())
-  apply_fn, params = models.functional(net)
-  x = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 1))
+  apply_fn, params = model_helpers.jit_init(lambda: transformer.DiT(
+      image_size=8, patch_size=4, width=32, depth=1, num_heads=2, num_classes=10, pos_embed="learned",
+      rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
   t = jnp.array([0.1, 0.4, 0.7, 0.9])
   labels = jnp.array([0, 3, 9, 10], jnp.int32)  # 10: the null label
   opt = optax.adam(1e-2)
@@ -66,9 +65,8 @@ def test_forward_conditioning_and_training_step():
 
 
 def test_zero_init_output_and_errors():
-  net = transformer.DiT(image_size=8, patch_size=2, width=16, depth=1, num_heads=2, zero_init_output=True,
-                        rngs=_rngs())
-  apply_fn, params = models.functional(net)
+  apply_fn, params = model_helpers.jit_init(lambda: transformer.DiT(
+      image_size=8, patch_size=2, width=16, depth=1, num_heads=2, zero_init_output=True, rngs=nnx.Rngs(0)))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
   assert not np.any(np.asarray(jax.jit(apply_fn)(params, x, jnp.array([0.2, 0.8]))))  # unconditional net, zero output
   with pytest.raises(ValueError, match="patch_size"):

@@ -5,6 +5,7 @@ named as 'module:attribute', a base checkpoint written with ``checkpointing.save
 file; ``am-jax finetune --config=/path/to/their_config.py`` (the installed console command, run from a
 directory that is not the repo) fine-tunes it.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ import sys
 import textwrap
 
 import pytest
+
+from am_jax import checkpointing
 
 USER_MODEL = '''
 """my_task.py: a 4-d model and reward written by a user (no am_jax code)."""
@@ -67,22 +70,38 @@ def get_config():
 '''
 
 
-def test_user_task_outside_the_repo(tmp_path):
-  user = tmp_path / "user"
-  user.mkdir()
-  (user / "my_task.py").write_text(textwrap.dedent(USER_MODEL))
-  base_dir = str(tmp_path / "my_base")
-  (user / "their_config.py").write_text(textwrap.dedent(USER_CONFIG).replace("BASE_DIR", base_dir))
-  env = dict(os.environ, PYTHONPATH=str(user), JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  # The user saves their base weights once (here: the untrained initialisation is the "base").
-  save = ("import my_task; from am_jax import checkpointing; "
-          f"checkpointing.save_params({base_dir!r}, my_task.make_model((4,), 0)[1])")
-  subprocess.run([sys.executable, "-c", save], cwd=user, env=env, check=True, timeout=120)
+BAD_REWARD = """
+
+def bad_reward(x):
+  return x
+"""
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+  """The user's folder (my_task.py, no am_jax code in it) and their base weights, saved once with
+  ``checkpointing.save_params`` (as a user would; in this process: the saving is not what is under test)."""
+  root = tmp_path_factory.mktemp("user_task")
+  user_dir = root / "user"
+  user_dir.mkdir()
+  (user_dir / "my_task.py").write_text(textwrap.dedent(USER_MODEL) + BAD_REWARD)
+  spec = importlib.util.spec_from_file_location("my_task_for_test", user_dir / "my_task.py")
+  my_task = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(my_task)
+  base_dir = str(root / "my_base")
+  checkpointing.save_params(base_dir, my_task.make_model((4,), 0)[1])  # the untrained initialisation is the "base"
+  env = dict(os.environ, PYTHONPATH=str(user_dir), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return user_dir, base_dir, env
+
+
+def test_user_task_outside_the_repo(user, tmp_path):
+  user_dir, base_dir, env = user
+  (user_dir / "their_config.py").write_text(textwrap.dedent(USER_CONFIG).replace("BASE_DIR", base_dir))
   exe = shutil.which("am-jax")
   cmd = [exe] if exe else [sys.executable, "-m", "am_jax.cli"]
   workdir = tmp_path / "run"
-  proc = subprocess.run(cmd + ["finetune", f"--config={user / 'their_config.py'}", f"--workdir={workdir}"],
-                        cwd=user, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(cmd + ["finetune", f"--config={user_dir / 'their_config.py'}", f"--workdir={workdir}"],
+                        cwd=user_dir, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.load(open(workdir / "metrics.json"))
   assert summary["step"] == 60
@@ -94,21 +113,15 @@ def test_user_task_outside_the_repo(tmp_path):
   assert len(proc.stderr.splitlines()) + len(proc.stdout.splitlines()) < 40, proc.stderr[-3000:]
 
 
-def test_user_task_wrong_reward_shape_fails_at_start(tmp_path):
-  user = tmp_path / "user"
-  user.mkdir()
-  (user / "my_task.py").write_text(textwrap.dedent(USER_MODEL) + "\n\ndef bad_reward(x):\n  return x\n")
-  base_dir = str(tmp_path / "my_base")
+def test_user_task_wrong_reward_shape_fails_at_start(user, tmp_path):
+  user_dir, base_dir, env = user
   cfg = textwrap.dedent(USER_CONFIG).replace("BASE_DIR", base_dir).replace('"my_task:reward"', '"my_task:bad_reward"')
-  (user / "their_config.py").write_text(cfg)
-  env = dict(os.environ, PYTHONPATH=str(user), JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  save = ("import my_task; from am_jax import checkpointing; "
-          f"checkpointing.save_params({base_dir!r}, my_task.make_model((4,), 0)[1])")
-  subprocess.run([sys.executable, "-c", save], cwd=user, env=env, check=True, timeout=120)
-  proc = subprocess.run([sys.executable, "-m", "am_jax.cli", "finetune", f"--config={user / 'their_config.py'}",
-                         f"--workdir={tmp_path / 'run'}"], cwd=user, env=env, capture_output=True, text=True,
+  (user_dir / "bad_config.py").write_text(cfg)
+  proc = subprocess.run([sys.executable, "-m", "am_jax.cli", "finetune", f"--config={user_dir / 'bad_config.py'}",
+                         f"--workdir={tmp_path / 'run'}"], cwd=user_dir, env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert "reward" in last and "(64,)" in last, proc.stderr[-2000:]
   assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr[-2000:]
+  assert not (tmp_path / "run" / "checkpoints").exists()  # it failed before any training

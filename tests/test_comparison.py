@@ -1,9 +1,6 @@
-"""``experiments/compare.py``: every method runs through the production step, rows carry all the columns.
-
-The real comparison (600 steps per method, ~3 min; digits ~15 min) is run by hand (BUILD_NOTES.md section 8.12).
-"""
+"""``am_jax.comparison.network_passes``: the forward / VJP passes per step of every run of the comparison, checked
+by counting the calls of instrumented networks (the runs themselves: tests/integration/test_comparison.py)."""
 import collections
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +8,7 @@ import numpy as np
 import pytest
 
 from am_jax import losses, methods, rewards
-from am_jax import comparison as compare, jobs, launch
+from am_jax import comparison as compare
 
 
 def _counted(apply_fn, name, counts):
@@ -87,50 +84,3 @@ def test_network_passes_errors():
     compare.network_passes("dpo", losses.AMConfig(), 2)
   with pytest.raises(ValueError, match="no option 'num_time' \\(did you mean 'num_times'"):
     compare.network_passes("eam", losses.AMConfig(), 2, num_time=4)
-
-
-def test_every_run_of_the_toy2d_comparison_executes(tmp_path):
-  cfg = launch.load_config("gmm2d")
-  cfg.model.kind, cfg.finetune.hidden, cfg.finetune.batch_size, cfg.am.reward_multiplier = "exact", (64, 64), 32, 4.0
-  cfg.am.loss_clip = None
-  task = compare.exact_task(jobs.build_finetune_problem(cfg, str(tmp_path)), 32)
-  task["eval"] = task["final_eval"] = _cheap_eval(task)
-  rows = [compare.run_one(task, name, steps=3, eval_every=2, seed=0) for name in compare.RUNS]
-  for row in rows:
-    for key in ("reward", "distance", "diversity", "ms_per_step", "nfe_per_step"):
-      assert math.isfinite(row[key]), (row["name"], key, row[key])
-    assert row["peak_memory_mb"] > 0
-    assert [h["step"] for h in row["history"]] == [0, 2]
-    if row["method"] != "am_const_sigma":  # (whose biased SDE does not sample the base)
-      # lambda = 4 lives in the AMConfig, not in the reward: the step's reward_mean is the RAW reward of samples of
-      # the (still zero-residual) base, -1.03; with lambda folded into the reward it would read -4.1.
-      assert abs(row["history"][0]["reward_mean"] - task["reference"]["base_reward"]) < 1.0, row["name"]
-  by_name = {r["name"]: r for r in rows}
-  # Memory ordering that the method designs imply: backprop through K steps stores the most.
-  assert by_name["discrete_adjoint"]["peak_memory_mb"] > by_name["am"]["peak_memory_mb"]
-  assert by_name["draft_k1"]["peak_memory_mb"] < by_name["am"]["peak_memory_mb"]
-  saved = {"meta": {"task": "toy2d", "steps": 3, "batch_size": 32, "machine": "test", "reach": task["reach"],
-                    "reference": task["reference"]}, "runs": rows}
-  md = compare.markdown(saved)
-  assert md.count("\n") == len(rows) + 2 and "| eam_unweighted | eam |" in md
-  compare.plot(saved, str(tmp_path / "p.png"))
-  assert (tmp_path / "p.png").stat().st_size > 1000
-
-
-def _cheap_eval(task):
-  """256 ODE samples instead of 4096 / 20000 (the structure, not the accuracy, is under test)."""
-  import jax
-  from am_jax import metrics, sampling
-  target_x = None
-  problem = task["problem"]
-  draw = jax.jit(lambda p: sampling.sample(problem.finetuned_apply(), p, jax.random.PRNGKey(1), (256, 2),
-                                           problem.schedule, "ode", 10))
-
-  def evaluate(p):
-    nonlocal target_x
-    x = np.asarray(draw(p))
-    if target_x is None:
-      target_x = x + 1.0
-    return {"reward": float(np.mean(x[:, 0])), "distance": metrics.sliced_wasserstein1(x, target_x),
-            "diversity": float(np.std(x))}
-  return evaluate

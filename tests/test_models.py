@@ -1,0 +1,77 @@
+"""``am_jax.models``: MLP and U-Net velocity nets as pure apply functions; the fast-VJP convolution is the same
+convolution (outputs and gradients)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from am_jax import models
+from tests import model_helpers
+
+
+def _max_abs_diff(a, b):
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_mlp_shapes_labels_and_zero_init_output():
+  net = models.MLP(2, hidden=(8,), num_classes=3, zero_init_output=True, rngs=nnx.Rngs(0))
+  apply_fn, params = models.functional(net)
+  x, t = jnp.ones((4, 2)), jnp.full((4,), 0.3)
+  assert not np.any(np.asarray(apply_fn(params, x, t, jnp.arange(4) % 3)))  # zero-initialised output layer
+  apply_fn, params = model_helpers.host_init(lambda: models.MLP(2, hidden=(8,), num_classes=3, rngs=nnx.Rngs(0)))
+  out = jax.jit(lambda p: (apply_fn(p, x, t, jnp.array([0, 1, 2, 3])), apply_fn(p, x, t), apply_fn(p, x, 0.9)))(params)
+  assert out[0].shape == (4, 2)
+  np.testing.assert_allclose(out[0][3], out[1][3], rtol=1e-6)  # label 3 = num_classes is the null label (None)
+  assert not np.allclose(out[0][0], out[0][1])  # labels change the output
+  assert not np.allclose(out[1], out[2])  # so does t
+
+
+def test_unet_shapes_and_null_label():
+  """Class-conditional U-Net on 8x8 images: the output has the input's shape; no label = the null label, which
+  differs from a real label."""
+  apply_fn, params = model_helpers.host_init(lambda: models.UNet(1, (8, 16), 16, num_classes=10, rngs=nnx.Rngs(0)))
+  x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32))
+  t, y = jnp.full((4,), 0.3), jnp.array([0, 3, 9, 10], jnp.int32)
+  out, null = jax.jit(lambda p: (apply_fn(p, x, t, y), apply_fn(p, x, t)))(params)
+  assert out.shape == (4, 8, 8, 1) and bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_allclose(out[3], null[3], rtol=1e-5, atol=1e-6)  # label 10 is the null label
+  assert not np.allclose(out[:3], null[:3])
+
+
+def test_fast_conv_vjp_is_the_same_convolution():
+  """UNet with the explicit-kernel input VJP: same parameters, same outputs and gradients as lax's transpose rules."""
+  kw = dict(in_channels=1, channels=(8,), time_embed_dim=16, num_classes=3)
+  fast_apply, params = model_helpers.host_init(lambda: models.UNet(**kw, rngs=nnx.Rngs(0)))
+  slow_apply, slow_abstract = models.functional(nnx.eval_shape(lambda: models.UNet(**kw, fast_conv_vjp=False,
+                                                                                    rngs=nnx.Rngs(0))))
+  assert jax.tree.structure(params) == jax.tree.structure(slow_abstract)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  t, lab = jnp.full((4,), 0.3), jnp.arange(4) % 3
+  c = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+
+  @jax.jit
+  def run(params, x):
+    grads = lambda apply: jax.grad(lambda p, y: jnp.sum(c * apply(p, y, t, lab)), argnums=(0, 1))(params, x)  # noqa
+    return fast_apply(params, x, t, lab), slow_apply(params, x, t, lab), grads(fast_apply), grads(slow_apply)
+
+  out_fast, out_slow, g_fast, g_slow = run(params, x)
+  np.testing.assert_array_equal(out_fast, out_slow)
+  assert _max_abs_diff(g_fast, g_slow) < 1e-6 and _max_abs_diff(g_fast, jax.tree.map(jnp.zeros_like, g_fast)) > 1e-3
+  # Padding other than SAME, and strided convolutions (fallback), agree with lax too.
+  w = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 2, 4))
+  xi = jax.random.normal(jax.random.PRNGKey(3), (2, 7, 7, 2))
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  @jax.jit
+  def conv_grads(a, b):
+    out = []
+    for strides, padding in (((1, 1), ((2, 0), (1, 1))), ((1, 1), "VALID"), ((2, 2), "SAME")):
+      ref = lambda a, b: jax.lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=dn)  # noqa: E731,B023
+      new = lambda a, b: models.conv_general_dilated_fast_vjp(a, b, strides, padding,  # noqa: E731,B023
+                                                              dimension_numbers=dn)
+      out.append((jax.grad(lambda a, b: jnp.sum(jnp.sin(ref(a, b))), argnums=(0, 1))(a, b),
+                  jax.grad(lambda a, b: jnp.sum(jnp.sin(new(a, b))), argnums=(0, 1))(a, b)))
+    return out
+
+  for (gr, gn), case in zip(conv_grads(xi, w), ("explicit padding", "VALID", "strided")):
+    assert _max_abs_diff(gr, gn) < 1e-5, case
