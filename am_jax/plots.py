@@ -44,12 +44,12 @@ def _tile(imgs: np.ndarray, cols: int) -> np.ndarray:
   return imgs.reshape(rows, cols, h + 2, w + 2).transpose(0, 2, 1, 3).reshape(rows * (h + 2), cols * (w + 2))
 
 
-def image_grid(path: str, panels: Sequence, cols: int = 8, max_images: int = 64, title: str = ""):
-  """Side-by-side grids of images in [-1, 1] (first channel): ``panels`` = [(name, (N, H, W, C)), ...]."""
+def _mosaic_panels(path: str, mosaics: Sequence, figsize, title: str = ""):
+  """Side-by-side grey panels [(name, 2-D mosaic in [-1, 1])] saved to ``path``."""
   plt = _pyplot()
-  fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9), squeeze=False)
-  for ax, (name, x) in zip(axes[0], panels):
-    ax.imshow(_tile(np.asarray(x)[:max_images, ..., 0], cols), cmap="gray_r", vmin=-1, vmax=1)
+  fig, axes = plt.subplots(1, len(mosaics), figsize=figsize, squeeze=False)
+  for ax, (name, mosaic) in zip(axes[0], mosaics):
+    ax.imshow(mosaic, cmap="gray_r", vmin=-1, vmax=1)
     ax.set_title(name, fontsize=8)
     ax.axis("off")
   if title:
@@ -57,26 +57,20 @@ def image_grid(path: str, panels: Sequence, cols: int = 8, max_images: int = 64,
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def image_grid(path: str, panels: Sequence, cols: int = 8, max_images: int = 64, title: str = ""):
+  """Side-by-side grids of images in [-1, 1] (first channel): ``panels`` = [(name, (N, H, W, C)), ...]."""
+  mosaics = [(name, _tile(np.asarray(x)[:max_images, ..., 0], cols)) for name, x in panels]
+  _mosaic_panels(path, mosaics, (2.6 * len(panels), 2.9), title)
 
 
 def class_grid(path: str, panels: Sequence, labels, per_class: int, num_classes: int = 10, title: str = ""):
   """One row per class (``labels`` of the samples), ``per_class`` images each, for each panel."""
-  plt = _pyplot()
   labels = np.asarray(labels)
-  fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) * per_class / 8, 2.6), squeeze=False)
-  for ax, (name, x) in zip(axes[0], panels):
-    rows = []
-    for c in range(num_classes):
-      imgs = np.asarray(x)[labels == c][:per_class, ..., 0]
-      rows.append(_tile(imgs, per_class))
-    ax.imshow(np.concatenate(rows, axis=0), cmap="gray_r", vmin=-1, vmax=1)
-    ax.set_title(name, fontsize=8)
-    ax.axis("off")
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  mosaics = [(name, np.concatenate([_tile(np.asarray(x)[labels == c][:per_class, ..., 0], per_class)
+                                    for c in range(num_classes)], axis=0)) for name, x in panels]
+  _mosaic_panels(path, mosaics, (2.2 * len(panels) * per_class / 8, 2.6), title)
 
 
 def scatter_one(path: str, xs: np.ndarray, title: str, max_points: int = 5000):
