@@ -56,15 +56,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from am_jax import builders, classifiers, image_eval, methods, profiling, reporting, training
+from am_jax import parameterisation as param_lib
 from am_jax.errors import ConfigError
 from am_jax.problem import Problem
 
 __all__ = ["Setting", "METRICS", "validate", "settings", "t_interval", "aggregate", "pareto_front", "mark_pareto",
-           "blank_fraction", "markdown", "plot", "write", "load", "replot", "run"]
+           "blank_fraction", "markdown", "plot", "write", "load", "replot", "rows_from_log", "summarise_log", "run"]
 
 SWEEP_PARAMS = ("lora", "full")
 # Per-run metrics aggregated over seeds (the table and the JSON); keys absent from a run are skipped.
-METRICS = ("train_reward", "reward", "gold", "gold_accuracy", "diversity", "fd", "fd_target", "blank_fraction",
+METRICS = ("train_reward", "reward", "gold", "gold_accuracy", "label_accuracy", "diversity", "fd", "fd_target", "blank_fraction",
            "ms_per_step", "peak_memory_mb", "compile_seconds")
 
 
@@ -74,10 +75,30 @@ class Setting:
   method: str
   lam: float
   param: str
+  guidance: str = ""  # '' (no classifier-free guidance), 'base' or 'sampling' (``finetune.guidance_mode``)
 
   @property
   def label(self) -> str:
-    return f"{self.method}/{self.param} λ={self.lam:g}"
+    return f"{self.method}/{self.param}{_mode_suffix(self.guidance)} λ={self.lam:g}"
+
+
+def _mode_suffix(mode: str) -> str:
+  return f" cfg-{mode}" if mode else ""
+
+
+GUIDANCE_MODES = ("base", "sampling")
+
+
+def _guidance(cfg) -> float:
+  return float(cfg.finetune.get("guidance", 1.0))
+
+
+def guidance_modes(cfg) -> tuple:
+  """The guidance modes the sweep compares: ('',) without guidance (``finetune.guidance`` = 1), else
+  ``sweep.guidance_modes`` (default: ``finetune.guidance_mode``)."""
+  if _guidance(cfg) == 1.0:
+    return ("",)
+  return tuple(cfg.sweep.get("guidance_modes", ()) or (cfg.finetune.get("guidance_mode", "sampling"),))
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -151,9 +172,12 @@ def validate(cfg) -> None:
   if "replot" in cfg.sweep:
     req(cfg, "sweep.replot", lambda v: isinstance(v, bool), "True or False")
   req(cfg, "mesh.num_devices", lambda v: v == 1, "1 (the sweep runs on one device; parallel_seeds fills it)")
-  if float(cfg.finetune.get("guidance", 1.0)) != 1.0:
-    raise ConfigError(f"config.finetune.guidance = {cfg.finetune.guidance}: the sweep compares methods without "
-                      "classifier-free guidance; set it to 1.0.")
+  if _guidance(cfg) != 1.0 and cfg.finetune.get("cond", "") == "null":
+    raise ConfigError(f"config.finetune.guidance = {_guidance(cfg):g}: guidance needs class-conditional samples, but "
+                      "finetune.cond = 'null' samples the null label (v_null + w (v_null - v_null) = v_null).")
+  if "guidance_modes" in cfg.sweep:
+    req(cfg, "sweep.guidance_modes", lambda v: all(m in GUIDANCE_MODES for m in v) and len(set(v)) == len(v),
+        f"a tuple of distinct modes from {GUIDANCE_MODES} (empty: finetune.guidance_mode)")
   req(cfg, "reward.checkpoint", lambda v: isinstance(v, str) and v, "the classifier directory (diversity and FD use "
       "classifier B's features), e.g. shipped:mnist_classifiers")
   terms = _reward_terms(cfg)
@@ -187,7 +211,8 @@ def settings(cfg) -> list:
   for m in sw.methods:
     params = list(sw.am_params) if m == "am" else [cfg.finetune.parameterisation]
     for p in params:
-      out += [Setting(m, float(lam), p) for lam in sw.lambdas]
+      for mode in guidance_modes(cfg):
+        out += [Setting(m, float(lam), p, mode) for lam in sw.lambdas]
   return out
 
 
@@ -216,10 +241,12 @@ def aggregate(rows: Sequence[dict], confidence: float = 0.95) -> list:
   seeds, and the number of seeds the monitor flagged."""
   groups: dict = {}
   for r in rows:
-    groups.setdefault((r["method"], r["param"], r["lam"]), []).append(r)
+    groups.setdefault((r["method"], r["param"], r.get("guidance", ""), r["lam"]), []).append(r)
   out = []
-  for (m, p, lam), rs in groups.items():
+  for (m, p, mode, lam), rs in groups.items():
     entry = {"method": m, "param": p, "lam": lam, "seeds": [r["seed"] for r in rs]}
+    if mode:
+      entry["guidance"] = mode
     for k in METRICS:
       if any(k in r for r in rs):
         entry[k] = t_interval([r.get(k) for r in rs], confidence)
@@ -330,6 +357,9 @@ class _Scorer:
     if self.target is not None:
       out["gold_accuracy"] = float(np.mean(np.argmax(np.asarray(logp_b), -1) == self.target))
       out["fd_target"] = classifiers.frechet_distance(feats, self.target_feats)
+    elif labels is not None and np.all(np.asarray(labels) < classifiers.NUM_CLASSES):
+      # Class-conditional samples: how often classifier B reads the digit they were asked for (what guidance buys).
+      out["label_accuracy"] = float(np.mean(np.argmax(np.asarray(logp_b), -1) == np.asarray(labels)))
     return out
 
 
@@ -371,21 +401,42 @@ def _gold_name(problem: Problem, terms: dict) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def _problems(cfg) -> dict:
-  """{parameterisation: Problem}: the base, rewards and classifiers are loaded once; only the trained part
-  differs between 'lora' and 'full'."""
-  params = _params_used(cfg)
+def _problems(cfg) -> tuple:
+  """({(parameterisation, guidance mode): Problem}, reference Problem): the base, rewards and classifiers are loaded once; only the
+  trained part differs between 'lora' and 'full', and only the base velocity between the guidance modes.
+
+  With guidance w != 1, mode 'sampling' fine-tunes toward the tilt of the conditional base and samples with
+  guidance w; mode 'base' fine-tunes toward the tilt of the guided base v_null + w (v_c - v_null) and samples
+  the fine-tuned network without guidance (``builders.build_problem``).  The reference is the plain problem
+  (the base as a user samples it, with guidance w at sampling).
+  """
+  params, modes = _params_used(cfg), guidance_modes(cfg)
   first = _run_config(cfg, params[0], cfg.sweep.lambdas[0], cfg.sweep.seeds[0])
+  if modes != ("",):
+    with first.unlocked():
+      first.finetune.guidance_mode = "sampling"  # the un-guided base velocity; mode 'base' wraps it below
   base_apply, base_params = builders.load_base(first)
   problem = builders.build_problem(first, base_apply, base_params)
   problem.check_shapes(int(cfg.finetune.batch_size))
-  out = {params[0]: problem}
+  per_param = {params[0]: problem}
   for p in params[1:]:
     net_apply, init, param, merge = builders.build_finetuned(_run_config(cfg, p, 1.0, cfg.sweep.seeds[0]),
                                                              problem.base_apply, problem.base_params,
                                                              problem.sample_shape)
-    out[p] = problem.replace(net_apply=net_apply, init_params=init, parameterisation=param, lora_merge=merge)
-  return out
+    per_param[p] = problem.replace(net_apply=net_apply, init_params=init, parameterisation=param, lora_merge=merge)
+  out = {}
+  for p, pr in per_param.items():
+    for mode in modes:
+      out[(p, mode)] = pr if mode != "base" else pr.replace(
+          base_apply=param_lib.guided(pr.base_apply, pr.sample_guidance, pr.null_label), sample_guidance=1.0)
+  return out, problem
+
+
+def _eval_problems(problems: dict, reference: Problem) -> dict:
+  """{mode: Problem} whose ``sample(merged_params, which='base')`` samples a run's merged parameters as its
+  guidance mode does: mode 'base' the plain network without guidance, the others as ``reference`` (the base as
+  a user samples it: the plain network with the guidance weight, if any)."""
+  return {mode: reference.replace(sample_guidance=1.0) if mode == "base" else reference for _, mode in problems}
 
 
 def _init_params(cfg, problem: Problem, seed: int):
@@ -473,6 +524,7 @@ def _run_setting(cfg, prog: _Program, compiled, compile_seconds: float, evaluato
     for j, (g, p) in enumerate(zip(group, finals)):
       x = evaluator.samples(merge(p, base_params))
       row = {"method": s.method, "param": s.param, "lam": s.lam, "seed": g, "steps": steps,
+             **({"guidance": s.guidance} if s.guidance else {}),
              "batch_size": int(fc.batch_size), "train_reward": float(np.mean(rewards[-last:, j])),
              "ms_per_step": 1e3 * per_step, "peak_memory_mb": mem.get("total_bytes", float("nan")) / 2**20,
              "compile_seconds": compile_seconds, "seeds_per_program": len(group)}
@@ -518,6 +570,58 @@ class _Watcher:
     return out
 
 
+def rows_from_log(text: str) -> tuple:
+  """(base metrics, rows) read back from a sweep's log (the ``[sweep i/n] <setting> seed s: ...`` lines ``run``
+  prints): the per-run numbers when the workdir is lost (e.g. a device machine given back) but the log was kept.
+  Only the metrics the log line prints survive (train/eval/gold reward, gold accuracy, diversity, FD, ms/step)."""
+  import re
+  line_re = re.compile(r"^\[sweep \d+/\d+\] (\w+)/(\w+)(?: cfg-(\w+))? λ=([0-9.eE+-]+) seed (-?\d+): (\d+) steps, "
+                       r"([0-9.]+) ms/step\s+(.*?)(\s+DIVERGED)?(\s+hacking flagged)?$")
+  base, rows = None, []
+  for raw in text.splitlines():
+    if raw.startswith("[sweep] base: "):
+      vals = raw[len("[sweep] base: "):].split()
+      base = {k: float(v) for k, v in zip(vals[::2], vals[1::2])}
+      continue
+    m = line_re.match(raw.strip())
+    if not m:
+      continue
+    method, param, mode, lam, seed, steps, ms, rest, diverged, flagged = m.groups()
+    vals = rest.split()
+    row = {"method": method, "param": param, "lam": float(lam), "seed": int(seed), "steps": int(steps),
+           "ms_per_step": float(ms), "diverged": bool(diverged), **({"guidance": mode} if mode else {})}
+    row.update({k: float(v) for k, v in zip(vals[::2], vals[1::2])})
+    if flagged:
+      row["hacking_detected"] = True
+    rows.append(row)
+  if base is None or not rows:
+    raise ValueError("no '[sweep] base:' line or no per-run lines: not the log of `am-jax sweep`.")
+  return base, rows
+
+
+def summarise_log(log_path: str, workdir: str, confidence: float = 0.95, gold: str = "") -> str:
+  """Writes ``sweep.json`` / ``sweep.md`` / ``sweep.png`` in ``workdir`` from a sweep's log (``rows_from_log``);
+  returns the table.  ``meta`` records where the numbers came from."""
+  with open(log_path) as f:
+    text = f.read()
+  base, rows = rows_from_log(text)
+  agg = aggregate(rows, confidence)
+  mark_pareto(agg, base)
+  import re
+  seeds = sorted({r["seed"] for r in rows})
+  steps = rows[0]["steps"]
+  batch = re.search(r"steps of batch (\d+)", text)
+  unknown = "(the config's)"
+  saved = {"meta": {"source": f"log {os.path.basename(log_path)} (rows_from_log)", "seeds": seeds, "steps": steps,
+                    "batch_size": int(batch.group(1)) if batch else unknown, "num_steps": unknown,
+                    "eval_samples": unknown, "eval_steps": unknown,
+                    "confidence": confidence, "config": os.path.basename(log_path), "machine": "see the log",
+                    "gold": gold or None,
+                    "date": time.strftime("%Y-%m-%d", time.gmtime(os.path.getmtime(log_path)))},
+           "base": base, "references": {}, "runs": rows, "settings": agg}
+  return write(saved, workdir)
+
+
 def load(workdir: str) -> dict:
   """The ``sweep.json`` written by ``run``."""
   with open(os.path.join(workdir, "sweep.json")) as f:
@@ -542,15 +646,19 @@ def run(cfg, workdir: str) -> dict:
     return {"table": os.path.join(workdir, "sweep.md"), "plot": os.path.join(workdir, "sweep.png")}
   validate(cfg)
   sw, fc = cfg.sweep, cfg.finetune
-  problems = _problems(cfg)
-  first = next(iter(problems.values()))
+  problems, first = _problems(cfg)
   terms = _reward_terms(cfg)
   gold_name = _gold_name(first, terms)
   eval_steps = int(sw.eval_steps) or first.config.num_steps
+  # One evaluator (and watcher) per guidance mode, all with the same noise and conditions (paired comparisons).
+  eval_problems = _eval_problems(problems, first)
   evaluator = _Evaluator(first, int(sw.eval_samples), eval_steps, cfg.seed + 1234)
+  evaluators = {mode: evaluator if pr is first else _Evaluator(pr, int(sw.eval_samples), eval_steps, cfg.seed + 1234)
+                for mode, pr in eval_problems.items()}
   scorer = _Scorer(cfg)
-  watcher = _Watcher(cfg, first, cfg.seed + 4242) if sw.watch_every else None
-  merges = {p: jax.jit(lambda params, bp, pr=pr: pr.merged_params(params, bp)) for p, pr in problems.items()}
+  watchers = {mode: _Watcher(cfg, pr, cfg.seed + 4242) for mode, pr in eval_problems.items()} \
+      if sw.watch_every else {}
+  merges = {p: jax.jit(lambda params, bp, pr=pr: pr.merged_params(params, bp)) for (p, _), pr in problems.items()}
   x_base = evaluator.samples(first.base_params)
   base = _metrics(x_base, evaluator, scorer, gold_name)
   references = _references(cfg, first, evaluator, scorer, gold_name, eval_steps)
@@ -573,14 +681,14 @@ def run(cfg, workdir: str) -> dict:
       # in the pool while this one trains (XLA compiles without the GIL).
       for j in range(i, min(i + threads, len(todo))):
         if j not in programs:
-          programs[j] = _Program(cfg, todo[j], problems[todo[j].param])
+          programs[j] = _Program(cfg, todo[j], problems[(todo[j].param, todo[j].guidance)])
           futures[j] = pool.submit(programs[j].compile)
       compiled, compile_s = futures.pop(i).result()
       prog = programs.pop(i)
       reporting.info(f"[sweep {i + 1}/{len(todo)}] {s.label}: compiled in {compile_s:.1f} s "
                      f"(+{prog.lower_seconds:.1f} s tracing)")
-      r, g = _run_setting(cfg, prog, compiled, compile_s, evaluator, scorer, watcher, gold_name, merges[s.param],
-                          f"{i + 1}/{len(todo)}", grid_n)
+      r, g = _run_setting(cfg, prog, compiled, compile_s, evaluators[s.guidance], scorer,
+                          watchers.get(s.guidance), gold_name, merges[s.param], f"{i + 1}/{len(todo)}", grid_n)
       rows += r
       grids[s] = g
       del prog, compiled  # frees the program and its states before the next setting
@@ -590,8 +698,9 @@ def run(cfg, workdir: str) -> dict:
   mark_pareto(agg, base)
   from am_jax import lora
   sizes = None
-  if "lora" in problems:
-    sizes = lora.param_counts(problems["lora"].base_params, problems["lora"].init_params)
+  lora_problem = next((pr for (p, _), pr in problems.items() if p == "lora"), None)
+  if lora_problem is not None:
+    sizes = lora.param_counts(lora_problem.base_params, lora_problem.init_params)
   saved = {
       "meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "jax": jax.__version__,
                "config": cfg.get("name", ""), "model": cfg.model.kind, "reward": cfg.reward.name,
@@ -599,18 +708,20 @@ def run(cfg, workdir: str) -> dict:
                "cond": cfg.finetune.get("cond", ""), "gold": gold_name, "steps": int(fc.steps),
                "batch_size": int(fc.batch_size), "num_steps": first.config.num_steps,
                "eval_samples": int(sw.eval_samples), "eval_steps": eval_steps, "seeds": list(sw.seeds),
-               "lambdas": list(sw.lambdas),
+               "lambdas": list(sw.lambdas), "guidance": _guidance(cfg),
+               "guidance_modes": [m for m in guidance_modes(cfg) if m],
                "confidence": float(sw.confidence), "parallel_seeds": bool(sw.parallel_seeds),
                "learning_rates": dict(sw.learning_rates), "options": {m: _method_options(cfg, m) for m in sw.methods},
                "lora_sizes": sizes, "wall_seconds": time.perf_counter() - t_start},
       "base": base, "references": references, "runs": rows, "settings": agg}
   panels = [("base", x_base[:grid_n])] if grid_n else []
-  for m in sw.methods:  # the best setting of each method (highest mean gold reward, else training reward)
-    best = _best(agg, m)
-    if best is not None and grid_n:
-      x = grids.get(Setting(best["method"], best["lam"], best["param"]))
-      if x is not None:
-        panels.append((f"{best['method']}/{best['param']} λ={best['lam']:g}", x))
+  for m in sw.methods:  # the best setting of each method and mode (highest mean gold reward, else training reward)
+    for mode in guidance_modes(cfg):
+      best = _best([a for a in agg if a.get("guidance", "") == mode], m)
+      if best is not None and grid_n:
+        x = grids.get(Setting(best["method"], best["lam"], best["param"], mode))
+        if x is not None:
+          panels.append((f"{best['method']}/{best['param']}{_mode_suffix(mode)} λ={best['lam']:g}", x))
   saved["meta"]["grid"] = [p[0] for p in panels]
   saved["meta"]["wall_seconds"] = time.perf_counter() - t_start
   write(saved, workdir, panels)
@@ -651,7 +762,7 @@ def _one(v, nd: int = 3) -> str:
 
 
 _COLUMNS = (("train_reward", "train reward", 3), ("reward", "reward (eval)", 3), ("gold", "gold reward", 3),
-            ("gold_accuracy", "gold acc.", 3), ("diversity", "diversity", 2), ("fd", "FD", 1),
+            ("gold_accuracy", "gold acc.", 3), ("label_accuracy", "label acc.", 3), ("diversity", "diversity", 2), ("fd", "FD", 1),
             ("fd_target", "FD (target)", 1), ("blank_fraction", "blank px", 2), ("ms_per_step", "ms/step", 1),
             ("peak_memory_mb", "peak MB", 1))
 
@@ -663,22 +774,27 @@ def markdown(saved: dict) -> str:
   cols = [c for c in _COLUMNS if c[0] in base or any(c[0] in a for a in agg)]
   hacking = any(a.get("hacking_flagged") is not None for a in agg)
   pareto = "pareto" in base or any("pareto" in a for a in agg)
-  head = (["method", "param", "λ"] + [c[1] for c in cols] + (["hacking flagged"] if hacking else [])
+  guided = any(a.get("guidance") for a in agg)
+  head = (["method", "param"] + ["guidance"] * guided + ["λ"] + [c[1] for c in cols] + (["hacking flagged"] if hacking else [])
           + (["Pareto"] if pareto else []))
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, ref in [("base", base)] + list(saved.get("references", {}).items()):
-    cells = [name, "-", "-"] + [_one(ref.get(k), nd) if k not in ("train_reward", "ms_per_step", "peak_memory_mb")
+    cells = [name, "-"] + ["-"] * guided + ["-"] + [_one(ref.get(k), nd) if k not in ("train_reward", "ms_per_step", "peak_memory_mb")
                                 else "-" for k, _, nd in cols]
     cells += ["-"] * hacking + [", ".join(ref.get("pareto", [])) or "-"] * pareto
     lines.append("| " + " | ".join(cells) + " |")
   for a in agg:
-    cells = [a["method"], a["param"], f"{a['lam']:g}"] + [_pm(a.get(k), nd) if k in a else "-" for k, _, nd in cols]
+    cells = [a["method"], a["param"]] + [a.get("guidance", "-")] * guided + [f"{a['lam']:g}"] + [_pm(a.get(k), nd) if k in a else "-" for k, _, nd in cols]
     if hacking:
       cells.append("-" if a.get("hacking_flagged") is None else f"{a['hacking_flagged']}/{len(a['seeds'])}")
     if pareto:
       cells.append(", ".join(a.get("pareto", [])) or "-")
     lines.append("| " + " | ".join(cells) + " |")
   conf = int(round(100 * meta.get("confidence", 0.95)))
+  if meta.get("guidance", 1.0) != 1.0:
+    lines.append(f"\nclassifier-free guidance w = {meta['guidance']:g}: 'base' fine-tunes toward the tilt of the "
+                 "guided base and samples without guidance; 'sampling' fine-tunes the conditional base and samples "
+                 "with guidance w; the base row is the guided base.")
   note = (f"\nmean ± {conf}% Student-t half-width over seeds {meta.get('seeds')}; {meta.get('steps')} steps of batch "
           f"{meta.get('batch_size')}, K = {meta.get('num_steps')}; metrics on {meta.get('eval_samples')} ODE samples "
           f"(fixed noise, {meta.get('eval_steps')} steps); {meta.get('machine')}, {meta.get('date')}.\n")
@@ -689,7 +805,7 @@ def _series(agg: list):
   """{(method, param): [settings]} in order."""
   out: dict = {}
   for a in agg:
-    out.setdefault((a["method"], a["param"]), []).append(a)
+    out.setdefault((a["method"], a["param"] + _mode_suffix(a.get("guidance", ""))), []).append(a)
   return out
 
 
@@ -731,7 +847,8 @@ def plot(saved: dict, path: str):
     _limits(ax, agg, [base] + list(saved.get("references", {}).values()), yk)
     ax.set_xlabel("diversity (classifier-B feature distance within a condition)")
     gold = meta.get("gold")
-    ax.set_ylabel("training reward (eval samples)" if yk == "reward" else f"gold reward ({gold}, held out)")
+    ax.set_ylabel("training reward (eval samples)" if yk == "reward" else
+                  f"gold reward ({gold}, held out)" if gold else "gold reward (held out)")
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
   conf = int(round(100 * meta.get("confidence", 0.95)))

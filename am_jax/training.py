@@ -106,11 +106,17 @@ def make_finetune_step(problem: Problem, objective: Callable, optimizer: optax.G
     key = jax.random.fold_in(state.rng, state.step)
     k_cond, k_obj = jax.random.split(key)
     cond = tuple(sharding_lib.constrain_batch(c, mesh) for c in cond_fn(k_cond, x_shape[0])) if cond_fn else ()
-    # Built inside the step so the base params stay a step argument.
-    ft_apply = problem.finetuned_apply(base_params)
+    if problem.parameterisation == "lora":
+      # Merge the adapters into the base weights ONCE per step (W + s A B) and hand the methods the plain
+      # network with the merged weights: the gradient reaches the adapters through this one merge instead of
+      # through a merge inside each of the ~2K network calls of the rollout, adjoint and loss.
+      ft_apply, params_of = problem.net_apply, lambda p: problem.lora_merge(base_params, p)
+    else:
+      # Built inside the step so the base params stay a step argument.
+      ft_apply, params_of = problem.finetuned_apply(base_params), lambda p: p
 
     def loss_fn(p):
-      return objective(ft_apply, p, base_apply, base_params, reward_fn, k_obj, x_shape, cond, mesh=mesh)
+      return objective(ft_apply, params_of(p), base_apply, base_params, reward_fn, k_obj, x_shape, cond, mesh=mesh)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = _apply_update(state, grads, optimizer, ema_decay)

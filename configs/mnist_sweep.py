@@ -11,6 +11,10 @@ Variants by argument (``key=value`` pairs separated by commas):
   steps of batch 32, K = 20, 256 evaluation samples: 20 programs x 3 seeds; seeds vmapped in one program, compiles
   in 8 background threads; measured 6 min 50 s on one H200, 2026-11-25).
 * ``arch``: ``unet`` or ``dit`` (default: per size), the shipped pre-trained bases (``shipped:mnist_<arch>``).
+* ``guidance``: the classifier-free guidance weight w (default 1 = none).  w != 1 compares the two guidance
+  modes with AM / LoRA: 'base' fine-tunes toward the tilt of the guided base v_null + w (v_c - v_null) and samples
+  without guidance; 'sampling' fine-tunes the conditional base and samples with guidance w.  Needs conditional
+  samples (``reward=thickness``): ``am-jax sweep --config=mnist_sweep.py:size=full,reward=thickness,guidance=2``.
 * ``reward``: ``class`` (default) = log p_A(target | x) generated from the UNCONDITIONAL (null-label) model, target
   ``reward.target_class`` = 3, gold twin classifier B; ``thickness`` = the soft stroke width on uniform labels,
   gold twin the distance-transform width; ``combo`` = class + 0.3 thickness from the null label.
@@ -41,7 +45,7 @@ SIZES = {"tiny": TINY, "full": FULL}
 
 
 def _parse(arg: str) -> dict:
-  out = dict(size="tiny", arch="", reward="class")
+  out = dict(size="tiny", arch="", reward="class", guidance="1")
   for item in [s for s in (arg or "").split(",") if s]:
     key, sep, value = item.partition("=")
     if not sep or key not in out:
@@ -54,6 +58,13 @@ def _parse(arg: str) -> dict:
     raise ValueError(f"configs/mnist_sweep.py: arch must be one of {sorted(ARCHS)}, got {out['arch']!r}.")
   if out["reward"] not in REWARDS:
     raise ValueError(f"configs/mnist_sweep.py: reward must be one of {sorted(REWARDS)}, got {out['reward']!r}.")
+  try:
+    out["guidance"] = float(out["guidance"])
+  except ValueError:
+    raise ValueError(f"configs/mnist_sweep.py: guidance must be a number, got {out['guidance']!r}.") from None
+  if out["guidance"] != 1.0 and REWARDS[out["reward"]]["cond"] == "null":
+    raise ValueError(f"configs/mnist_sweep.py: guidance needs class-conditional samples; reward={out['reward']} "
+                     "samples the null label (use reward=thickness).")
   return out
 
 
@@ -77,13 +88,16 @@ def get_config(arg: str = ""):
   # parameterisation: that of every method but AM (AM runs with each of sweep.am_params); the learning rate is
   # sweep.learning_rates[parameterisation].
   c.finetune = dict(steps=size["steps"], batch_size=size["batch_size"], parameterisation="lora", hidden=(64,),
-                    lora_rank=8, lora_scale=1.0, ema_decay=0.0, log_every=50, cond=r["cond"], guidance=1.0,
-                    guidance_mode="sampling",
+                    lora_rank=8, lora_scale=1.0, ema_decay=0.0, log_every=50, cond=r["cond"],
+                    guidance=a["guidance"], guidance_mode="sampling",
                     optimizer=dict(name="adam", learning_rate=1e-3, warmup_steps=10, decay="constant", grad_clip=1.0,
                                    weight_decay=0.0))
+  guided = a["guidance"] != 1.0
   c.sweep = dict(
-      methods=("am", "eam", "draft", "refl"),
-      am_params=("lora", "full"),
+      # With guidance: AM with LoRA in both guidance modes (the comparison of issue 13 item 6).
+      methods=("am",) if guided else ("am", "eam", "draft", "refl"),
+      am_params=("lora",) if guided else ("lora", "full"),
+      guidance_modes=("base", "sampling") if guided else (),
       lambdas=size["lambdas"],
       seeds=size["seeds"],
       # Factory options per method (methods.build): EAM reads the data score at t_s = 0.9, as in

@@ -161,7 +161,7 @@ def test_settings_grid_and_variants():
     ("sweep.grid_samples", 10_000, "config.sweep.grid_samples = 10000: must be an integer in \\[0, sweep.eval"),
     ("sweep.confidence", 1.0, "config.sweep.confidence = 1.0: must be in \\(0, 1\\)"),
     ("mesh.num_devices", 8, "config.mesh.num_devices = 8: must be 1"),
-    ("finetune.guidance", 2.0, "config.finetune.guidance = 2.0: the sweep compares methods without"),
+    ("finetune.guidance", 2.0, "config.finetune.guidance = 2: guidance needs class-conditional samples"),
     ("finetune.batch_size", 0, "config.finetune.batch_size = 0: must be a positive integer"),
 ])
 def test_validate_names_the_field(field, value, message):
