@@ -10,6 +10,8 @@ Variants by argument (``key=value`` pairs separated by commas):
   numbers meaningless: 2-4 min on 2 shared CPU cores) or ``full`` (U-Net, lambda in {1, 2, 4, 8} x 3 seeds, 200
   steps of batch 32, K = 20, 256 evaluation samples: 20 programs x 3 seeds; seeds vmapped in one program, compiles
   in 8 background threads; measured 6 min 50 s on one H200, 2026-11-25).
+* ``size=cpu``: the full grid of lambdas, seeds and methods shrunk for 2 CPU cores (DiT, 25 steps of batch 8,
+  K = 10, 128 evaluation samples): the sweep's shape with early-training numbers.
 * ``arch``: ``unet`` or ``dit`` (default: per size), the shipped pre-trained bases (``shipped:mnist_<arch>``).
 * ``guidance``: the classifier-free guidance weight w (default 1 = none).  w != 1 compares the two guidance
   modes with AM / LoRA: 'base' fine-tunes toward the tilt of the guided base v_null + w (v_c - v_null) and samples
@@ -41,7 +43,9 @@ TINY = dict(arch="dit", lambdas=(1.0, 4.0), seeds=(0, 1), steps=3, batch_size=4,
             watch_every=0, parallel_seeds=False, compile_threads=1)
 FULL = dict(arch="unet", lambdas=(1.0, 2.0, 4.0, 8.0), seeds=(0, 1, 2), steps=200, batch_size=32, num_steps=20,
             eval_samples=256, watch_every=20, parallel_seeds=True, compile_threads=8)
-SIZES = {"tiny": TINY, "full": FULL}
+CPU = dict(arch="dit", lambdas=(1.0, 2.0, 4.0, 8.0), seeds=(0, 1, 2), steps=25, batch_size=8, num_steps=10,
+           eval_samples=128, watch_every=0, parallel_seeds=True, compile_threads=1)
+SIZES = {"tiny": TINY, "cpu": CPU, "full": FULL}
 
 
 def _parse(arg: str) -> dict:
