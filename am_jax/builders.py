@@ -214,7 +214,8 @@ def build_velocity_model(cfg, data_shape, seed: int, zero_init_output: bool = Fa
 
 def validate_optimizer(cfg, path: str):
   require(cfg, f"{path}.name", lambda v: v in ("adam", "adamw"), "'adam' or 'adamw'")
-  require(cfg, f"{path}.learning_rate", lambda v: v > 0, "> 0")
+  require(cfg, f"{path}.learning_rate", lambda v: _real(v) and 0 < v <= float(np.finfo(np.float32).max),
+          "a finite number > 0 (float32: <= 3.4e38)")
   require(cfg, f"{path}.warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
   require(cfg, f"{path}.decay", lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'")
   require(cfg, f"{path}.grad_clip", lambda v: v >= 0, ">= 0 (0 disables clipping)")
@@ -606,6 +607,12 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
     require(cfg, "eval.num_samples", _positive_int, "a positive integer") if "num_samples" in cfg.eval else None
     require(cfg, "eval.num_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: am.num_steps)") \
         if "num_steps" in cfg.eval else None
+  if "on_nonfinite" in cfg.finetune:
+    require(cfg, "finetune.on_nonfinite", lambda v: v in NONFINITE_POLICIES,
+            f"one of {NONFINITE_POLICIES} (halt: stop with the source of the NaN/inf; skip: drop that update)")
+  if "resume" in cfg and "allow_changes" in cfg.resume:
+    require(cfg, "resume.allow_changes", lambda v: isinstance(v, str), "a comma-separated list of config fields")
+  validate_am(cfg)
   am_config = build_am_config(cfg)
   validate_reward(cfg)
   if cfg.reward.name in ("linear", "quadratic"):
@@ -615,6 +622,39 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
     build_method(cfg, am_config)
   if not has_base:
     validate_pretrain(cfg)
+
+
+NONFINITE_POLICIES = ("halt", "skip")
+# Methods whose regression target needs sigma > 0 at every step (control u = (1 + c)(v_ft - v_base) / sigma).
+STOCHASTIC_METHODS = ("am", "basic_am", "continuous_adjoint", "discrete_adjoint")
+
+
+def _real(v):
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def validate_am(cfg):
+  """``config.am``: the types AMConfig would otherwise coerce (``int(2.5)``) and the ODE diffusion for the
+  AM-family methods; the value ranges are AMConfig's own checks (``build_am_config``)."""
+  for f in ("num_steps", "num_random_timesteps", "num_last_timesteps"):
+    require(cfg, f"am.{f}", lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool), "an integer")
+  require(cfg, "am.reward_multiplier", lambda v: _real(v) and np.isfinite(v) and 0 < v <= losses.MAX_REWARD_MULTIPLIER,
+          f"a finite lambda in (0, {losses.MAX_REWARD_MULTIPLIER:.0e}]")
+  require(cfg, "am.time_offset", lambda v: _real(v) and 0 < v <= 1, "in (0, 1] (a fraction of a step)")
+  if cfg.am.get("loss_clip", None) is not None:
+    require(cfg, "am.loss_clip", lambda v: _real(v) and np.isfinite(v) and v >= 0,
+            "a finite number > 0 (x lambda^2), or 0 / None for no clipping")
+  method = cfg.method.get("name", "am") if "method" in cfg else "am"
+  diffusion = cfg.am.get("diffusion", "memoryless")
+  try:
+    is_ode = isinstance(schedules_lib.get_diffusion(diffusion), schedules_lib.ZeroDiffusion)
+  except (ValueError, TypeError):
+    is_ode = False  # reported by build_am_config with the field name
+  if is_ode and method in STOCHASTIC_METHODS:
+    raise ConfigError(f"config.am.diffusion = {diffusion!r}: method {method!r} regresses the control "
+                      "u = (1 + c)(v_ft - v_base) / sigma, which needs sigma > 0 (an ODE gives the loss weight "
+                      "1/sigma = inf); use 'memoryless' (the tilted optimum, AM Thm. 1) or a constant sigma > 0, or "
+                      "method.name = 'deterministic_am' to fine-tune an ODE.")
 
 
 def validate_mesh(cfg):
@@ -628,6 +668,12 @@ def validate_mesh(cfg):
 def validate_checkpoint(cfg, path: str):
   require(cfg, f"{path}.every_steps", _positive_int, "a positive integer")
   require(cfg, f"{path}.max_to_keep", _positive_int, "a positive integer")
+  if "verify" in _get(cfg, path):
+    require(cfg, f"{path}.verify", lambda v: isinstance(v, bool), "True or False (SHA-256 of every saved array)")
+
+
+def _mesh_devices(cfg) -> int:
+  return jax.device_count() if cfg.mesh.num_devices == -1 else int(cfg.mesh.num_devices)
 
 
 def validate_pretrain(cfg):
@@ -636,7 +682,10 @@ def validate_pretrain(cfg):
   build_schedule(cfg)
   validate_mesh(cfg)
   require(cfg, "pretrain.steps", _positive_int, "a positive integer")
-  require(cfg, "pretrain.batch_size", _positive_int, "a positive integer")
+  batch = require(cfg, "pretrain.batch_size", _positive_int, "a positive integer")
+  if batch % _mesh_devices(cfg):
+    raise ConfigError(f"config.pretrain.batch_size = {batch}: must be divisible by the {_mesh_devices(cfg)} devices "
+                      "of the mesh (config.mesh.num_devices).")
   require(cfg, "pretrain.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")
   require(cfg, "pretrain.log_every", _positive_int, "a positive integer")
   if "cond_drop_prob" in cfg.pretrain:

@@ -20,6 +20,12 @@ fix is reported as ONE line on stderr with exit code 2 instead of a chained trac
     error: --workdir=/tmp/notes.txt is a file, not a directory.
     error: config.finetune.batch_size = 3: must be divisible by the 8 devices ...   (builders.ConfigError)
 
+A run that stops for a reason it can name exits with status 1 after one line: a NaN/inf inside a step
+(``errors.NonFiniteError``: "error: [finetune] step 3: the adjoint became non-finite ...") or a checkpoint
+directory where no step verifies (``checkpointing.CheckpointError``).  ``--allow_config_changes=a.b,c`` lets a run
+resume although those fields differ from the config stored with its checkpoints (``config.resume.allow_changes``;
+``jobs.check_config_drift``).
+
 ``--verbose`` shows the full traceback (and the library logs) instead.
 """
 from __future__ import annotations
@@ -30,9 +36,10 @@ import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 __all__ = ["UsageError", "define_flags", "run", "check_workdir", "resolve_config", "packaged_configs_dir",
-           "list_configs", "load_config", "maybe_initialize_distributed", "override_error", "EXIT_USAGE"]
+           "list_configs", "load_config", "maybe_initialize_distributed", "override_error", "EXIT_USAGE", "EXIT_RUNTIME"]
 
 EXIT_USAGE = 2  # like argparse: the command line or the config is wrong
+EXIT_RUNTIME = 1  # the run stopped: a non-finite step (errors.NonFiniteError), no checkpoint verifies
 
 
 class UsageError(ValueError):
@@ -58,6 +65,10 @@ def define_flags(config: bool = True, workdir: bool = True):
     required.append("workdir")
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, absl) and full tracebacks of config errors.")
+  if config and "allow_config_changes" not in flags.FLAGS:
+    flags.DEFINE_string("allow_config_changes", "", "Resume a run although these config fields (comma-separated "
+                        "paths, e.g. am.reward_multiplier,seed; 'all') differ from the config stored with its "
+                        "checkpoints (sets config.resume.allow_changes).")
   if required:
     flags.mark_flags_as_required(required)
 
@@ -259,9 +270,9 @@ def _verbose_requested(argv: Sequence[str]) -> bool:
   return verbose
 
 
-def _fail(message: str):
+def _fail(message: str, code: int = EXIT_USAGE):
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_USAGE)
+  sys.exit(code)
 
 
 def _user_error_message(exc: BaseException) -> Optional[str]:
@@ -279,7 +290,29 @@ def _user_error_message(exc: BaseException) -> Optional[str]:
     return first
   if isinstance(exc, FileNotFoundError):
     return first if exc.filename is None else f"{exc.filename}: {exc.strerror or first}"
+  if cls_names & {"NonFiniteError", "CheckpointError"}:  # a run that cannot continue: what happened, where
+    return first
   return None
+
+
+def _exit_code(exc: BaseException) -> int:
+  """``EXIT_USAGE`` (2) for a mistake in the command line or config; ``EXIT_RUNTIME`` (1) for a run that stopped
+  (a non-finite step, no checkpoint that verifies)."""
+  names = {c.__name__ for c in type(exc).__mro__}
+  return EXIT_RUNTIME if names & {"NonFiniteError", "CheckpointError"} else EXIT_USAGE
+
+
+def _with_allowed_changes(cfg, allowed: str):
+  """``cfg`` with ``resume.allow_changes`` set from ``--allow_config_changes`` (appended to the config's own)."""
+  if not allowed or cfg is None or not hasattr(cfg, "unlocked"):
+    return cfg
+  with cfg.unlocked():
+    if "resume" not in cfg or cfg.resume is None:
+      import ml_collections
+      cfg.resume = ml_collections.ConfigDict({"allow_changes": ""})
+    own = cfg.resume.get("allow_changes", "") or ""
+    cfg.resume.allow_changes = ",".join(p for p in (own, allowed) if p)
+  return cfg
 
 
 # --------------------------------------------------------------------------------------------- workdir
@@ -391,6 +424,8 @@ def run(main: Callable[[Any, Optional[str]], Any], *, argv: Optional[Sequence[st
       wd = flags.FLAGS.workdir if "workdir" in flags.FLAGS else None
       if "workdir" in flags.FLAGS and (workdir or wd is not None):
         wd = check_workdir(wd)
+      if "allow_config_changes" in flags.FLAGS:
+        cfg = _with_allowed_changes(cfg, flags.FLAGS.allow_config_changes)
       maybe_initialize_distributed(cfg)
       result = main(cfg, wd)
     except Exception as e:  # noqa: BLE001 -- re-raised unless it is a user error
@@ -399,7 +434,7 @@ def run(main: Callable[[Any, Optional[str]], Any], *, argv: Optional[Sequence[st
         message = f"--config: cannot load the config ({_innermost_line(e)})."
       if message is None or flags.FLAGS.verbose:
         raise
-      _fail(message)
+      _fail(message, _exit_code(e))
     if isinstance(result, Mapping) and reporting.is_main_process():
       print(reporting.format_summary(result), flush=True)
     elif result is not None and reporting.is_main_process():

@@ -22,8 +22,9 @@ public reproductions; each is an ``AMConfig`` field, see docs/maths.md section 4
   ``random_timestep_fraction`` (3/4) of the grid, plus the last ``num_last_timesteps`` (10) always.
   Each term is an independent regression with the same minimiser, so a subset changes the
   variance, not the fixed point.
-* ``loss_clip``: each (sample, time) term is clipped at loss_clip * lambda^2 (1.6 lambda^2); a
-  clipped term gives no gradient.  ``None`` disables it.
+* ``loss_clip``: each (sample, time) term is clipped at loss_clip * lambda^2; a clipped term gives no
+  gradient.  Default ``None`` (off): the paper's 1.6 lambda^2 removes the heavy-tailed terms that carry the
+  mode-mass signal and leaves the exact problems untrained (docs/maths.md section 4); opt in explicitly.
 
 The per-term loss is the squared norm summed over data dimensions and averaged over the batch
 and the selected times.
@@ -39,12 +40,18 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from am_jax import errors
 from am_jax import parameterisation
 from am_jax import adjoint as adjoint_lib
 from am_jax import sampling
 from am_jax import schedules as schedules_lib
 from am_jax import sharding as sharding_lib
 from am_jax.dynamics import _bcast
+
+
+# Validation bounds of AMConfig (docs/training_system.md, "Reliability").
+MAX_REWARD_MULTIPLIER = 1e18  # lambda^2 (loss scale, clip threshold) stays finite in float32
+MIN_TIME_OFFSET = 0.1  # memoryless first step multiplies X_0 by ~ 1 - 1/time_offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +66,9 @@ class AMConfig:
   num_random_timesteps: int = 10
   random_timestep_fraction: float = 0.75
   num_last_timesteps: int = 10
-  loss_clip: Optional[float] = 1.6
+  # Per-term clip at loss_clip * lambda^2 (None: off, the default).  The paper's 1.6 lambda^2 leaves the exact
+  # problems untrained (docs/maths.md section 4): opt in with loss_clip=1.6 where large heavy-tailed terms hurt.
+  loss_clip: Optional[float] = None
   solver: str = "scan"
   # Diffusion used to sample the fine-tuning trajectories.  Must be 'memoryless' to reach the
   # tilted distribution (Thm. 1); other values exist to reproduce the bias of paper Fig. 2.
@@ -76,23 +85,41 @@ class AMConfig:
   # Mixed precision: dtype of the network evaluations (params and x cast, output back to float32;
   # ``parameterisation.mixed_precision``).  The SDE state, the adjoint and the loss stay float32.
   network_dtype: str = "float32"
+  # Time integrator of the fine-tuning SDE, its lean adjoint and the loss target (docs/maths.md section 6):
+  # 'euler' (Euler-Maruyama) or 'exponential' (exact linear part and noise with the data prediction held fixed;
+  # DDPM ancestral for VP; memoryless or ODE diffusion only).
+  integrator: str = "euler"
 
   def __post_init__(self):
     lam = self.reward_multiplier
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam <= 0:
       raise ValueError(f"AMConfig.reward_multiplier (lambda) must be a finite number > 0, got {lam!r}.")
+    if lam > MAX_REWARD_MULTIPLIER:
+      raise ValueError(f"AMConfig.reward_multiplier (lambda) = {lam!r}: must be <= {MAX_REWARD_MULTIPLIER:.0e} "
+                       "(lambda^2 scales the loss and its clip threshold and overflows float32 above ~1.8e19).")
+    for name in ("num_steps", "num_random_timesteps", "num_last_timesteps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"AMConfig.{name} must be an integer, got {value!r}.")
     if self.num_steps < 1:
       raise ValueError(f"AMConfig.num_steps must be >= 1, got {self.num_steps}.")
-    if not 0.0 < self.time_offset <= 1.0:
-      raise ValueError(f"AMConfig.time_offset must be in (0, 1], got {self.time_offset}.")
+    t0 = self.time_offset
+    if isinstance(t0, bool) or not isinstance(t0, numbers.Real) or not 0.0 < t0 <= 1.0:
+      raise ValueError(f"AMConfig.time_offset must be in (0, 1], got {t0!r}.")
+    if t0 < MIN_TIME_OFFSET and isinstance(schedules_lib.get_diffusion(self.diffusion), schedules_lib.Memoryless):
+      raise ValueError(f"AMConfig.time_offset = {t0!r}: must be in [{MIN_TIME_OFFSET}, 1] with the memoryless "
+                       f"diffusion: its drift -kappa x has kappa ~ 1/t, so the first step multiplies X_0 by about "
+                       f"1 - 1/time_offset ({1 - 1 / t0:.3g} here; -1 at the default 0.5).")
     if not 0.0 < self.random_timestep_fraction <= 1.0:
       raise ValueError(f"AMConfig.random_timestep_fraction must be in (0, 1], got {self.random_timestep_fraction}.")
     if self.num_random_timesteps < 0 or self.num_last_timesteps < 0:
       raise ValueError("AMConfig.num_random_timesteps and num_last_timesteps must be >= 0.")
     if self.num_random_timesteps + self.num_last_timesteps == 0:
       raise ValueError("AMConfig selects no loss time step: set num_random_timesteps or num_last_timesteps > 0.")
-    if self.loss_clip is not None and self.loss_clip <= 0:
-      raise ValueError(f"AMConfig.loss_clip must be positive or None, got {self.loss_clip}.")
+    clip = self.loss_clip
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip)
+                             or clip <= 0):
+      raise ValueError(f"AMConfig.loss_clip must be a finite number > 0 or None (no clipping), got {clip!r}.")
     if self.solver not in sampling.SOLVERS:
       raise ValueError(f"AMConfig.solver must be one of {sampling.SOLVERS}, got {self.solver!r}.")
     if (not isinstance(self.remat_segments, int) or isinstance(self.remat_segments, bool)
@@ -108,10 +135,16 @@ class AMConfig:
     if not isinstance(self.schedule, schedules_lib.Schedule):
       raise TypeError(f"AMConfig.schedule must be a Schedule, got {self.schedule!r}.")
     schedules_lib.get_diffusion(self.diffusion)
+    if self.integrator not in sampling.INTEGRATORS:
+      raise errors.ConfigError(f"AMConfig.integrator must be one of {sampling.INTEGRATORS}, got {self.integrator!r}.")
+    if self.integrator == "exponential" and not isinstance(
+        schedules_lib.get_diffusion(self.diffusion), (schedules_lib.Memoryless, schedules_lib.ZeroDiffusion)):
+      raise errors.ConfigError(f"AMConfig.integrator = 'exponential' needs diffusion 'memoryless' (or 'ode'), "
+                               f"got diffusion = {self.diffusion!r}.")
 
   def coefficients(self) -> sampling.StepCoefficients:
     return sampling.make_coefficients(self.schedule, self.diffusion, self.num_steps, self.time_offset,
-                                      self.noiseless_last_step)
+                                      self.noiseless_last_step, self.integrator)
 
 
 class AMBatch(NamedTuple):

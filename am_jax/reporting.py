@@ -262,3 +262,7 @@ def quiet_libraries(verbose: bool = False):
     pass
   for name in _NOISY_LOGGERS:
     logging.getLogger(name).setLevel(level)
+  # A failed runtime check inside a jitted step (``dynamics.checked``: a NaN's source) is logged by JAX as a
+  # 20-line "pure_callback failed" traceback before the exception reaches the launcher, which reports it in
+  # one line (``jobs``: "[finetune] step k: the adjoint became non-finite ...").
+  logging.getLogger("jax._src.callback").setLevel(logging.INFO if verbose else logging.CRITICAL)

@@ -38,9 +38,10 @@ def get_config():
   c.method = dict(name="am", options="")
   c.finetune = dict(steps=300, batch_size=32, parameterisation="full", hidden=(64,), lora_rank=4, ema_decay=0.0,
                     log_every=50, cond="",
+                    on_nonfinite="halt",  # or 'skip': drop a non-finite update and count it
                     optimizer=dict(name="adam", learning_rate=1e-4, warmup_steps=10, decay="constant",
                                    grad_clip=1.0, weight_decay=0.0))
-  c.checkpoint = dict(every_steps=100, max_to_keep=1, async_save=True)
+  c.checkpoint = dict(every_steps=100, max_to_keep=1, async_save=True, verify=True)
   c.mesh = dict(num_devices=1)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.eval = dict(num_samples=100, num_steps=20, every=0, watch_samples=64, samples_per_class=50, guidance=2.0,

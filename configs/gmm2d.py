@@ -50,9 +50,10 @@ def get_config():
   c.finetune = dict(
       steps=1000, batch_size=256, parameterisation="control", hidden=(64, 64), lora_rank=4, ema_decay=0.0,
       log_every=100, cond="",
+      on_nonfinite="halt",  # or 'skip': drop a non-finite update and count it
       optimizer=dict(name="adam", learning_rate=1e-3, warmup_steps=0, decay="constant", grad_clip=0.0,
                      weight_decay=0.0))
-  c.checkpoint = dict(every_steps=250, max_to_keep=3, async_save=True)
+  c.checkpoint = dict(every_steps=250, max_to_keep=3, async_save=True, verify=True)
   c.mesh = dict(num_devices=-1)  # -1: every device of every host
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   # num_steps 0: the training grid (am.num_steps); every > 0: log the rewards on a fixed batch every N steps.

@@ -77,9 +77,10 @@ def get_config(arg: str = ""):
   c.finetune = dict(steps=200, batch_size=32, parameterisation=a["param"], hidden=(64,), lora_rank=8, lora_scale=1.0,
                     ema_decay=0.0, log_every=20, cond=r["cond"], guidance=float(a["guidance"]),
                     guidance_mode=a["guidance_mode"],
+                    on_nonfinite="halt",  # or 'skip': drop a non-finite update and count it
                     optimizer=dict(name="adam", learning_rate=1e-3 if a["param"] == "lora" else 1e-4,
                                    warmup_steps=10, decay="constant", grad_clip=1.0, weight_decay=0.0))
-  c.checkpoint = dict(every_steps=100, max_to_keep=1, async_save=True)
+  c.checkpoint = dict(every_steps=100, max_to_keep=1, async_save=True, verify=True)
   c.mesh = dict(num_devices=-1)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.eval = dict(num_samples=256, num_steps=20, every=20, watch_samples=128, samples_per_class=20, guidance=2.0,

@@ -24,6 +24,7 @@ def am(config: losses.AMConfig = losses.AMConfig()) -> _common.Objective:
   (aux: loss, loss_unclipped, clip_fraction, reward_mean, reward_std, control_norm, target_norm).
   """
   _common.check_config("am", config)
+  _common.check_stochastic("am", config)  # an ODE config would weight the loss by 1/sigma = inf
 
   def objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, key, x_shape, cond=(), mesh=None):
     loss, aux = losses.adjoint_matching_objective(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, key,
