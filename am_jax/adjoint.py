@@ -15,6 +15,14 @@ in reversed time, evaluating the Jacobian of *that* step,
 is exactly the chain rule a_k = (d X_{k+1} / d X_k)^T a_{k+1}.  So for the base process (u = 0)
 the lean adjoint equals -d r(X_K) / d X_k of the discretised dynamics with the noise held fixed;
 ``tests/test_adjoint.py`` checks this against ``jax.grad`` to float tolerance.
+
+Exponential integrator (``sampling.exponential_step``): the forward step is X_{k+1} = lin_k X_k +
+gain_k v_base(X_k, tau_k) + noise_scale_k xi_k, so its exact VJP is
+
+    a_k = lin_k a_{k+1} + gain_k (grad_x v_base(X_k, tau_k))^T a_{k+1}      (still one VJP per step),
+
+written as the increment (lin_k - 1) a_{k+1} + gain_k J^T a_{k+1}; ``tests/test_integrators.py`` checks it
+against ``jax.grad`` through the same map.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from am_jax.dynamics import checked
-from am_jax.sampling import (Step, StepCoefficients, _nearest_index, drift_of, euler, per_step, segment_noise,
+from am_jax.sampling import (Step, StepCoefficients, _nearest_index, advance, drift_of, per_step, segment_noise,
                              segment_steps, step_at, step_drift, step_time)
 
 
@@ -57,8 +65,15 @@ def terminal_adjoint(reward_fn: Callable, x1, reward_multiplier=1.0, cond=()):
 
 
 def _adjoint_vjp(base_velocity_fn, x_k, s: Step, a_next):
-  """h_k (grad_x b_k(X_k))^T a_{k+1}: one VJP of the base drift of the step with coefficients s."""
+  """a_k - a_{k+1} for the step with coefficients s: one VJP of the base model.
+
+  Euler: h_k (grad_x b_k(X_k))^T a_{k+1}.  Exponential (s.gain set): (lin_k - 1) a_{k+1} + gain_k
+  (grad_x v_base(X_k, tau_k))^T a_{k+1}.
+  """
   t_k = jnp.full((x_k.shape[0],), s.tau, dtype=jnp.float32)
+  if s.gain is not None:
+    _, vjp = jax.vjp(lambda x: base_velocity_fn(x, t_k), x_k)
+    return (s.lin - 1.0) * a_next + s.gain * vjp(a_next)[0]
   _, vjp = jax.vjp(lambda x: drift_of(base_velocity_fn(x, t_k), x, s), x_k)
   return s.dt * vjp(a_next)[0]
 
@@ -106,6 +121,8 @@ def _lean_adjoint_diffrax(base_velocity_fn, traj, a1, coeffs):
     # returning -grad b_k^T a gives a_k = a_{k+1} + h_k grad b_k^T a_{k+1} (the forward step's VJP).
     k = jnp.maximum(_nearest_index(ts, t) - 1, 0)
     x_k = traj[k]
+    if coeffs.gain is not None:  # exponential: the increment of the exact step VJP, divided by -h_k
+      return -_adjoint_vjp(base_velocity_fn, x_k, step_at(coeffs, k), a) / coeffs.dt[k]
     _, vjp = jax.vjp(lambda x: step_drift(base_velocity_fn(x, step_time(coeffs, k, x.shape[0])), x, coeffs, k), x_k)
     return -vjp(a)[0]
 
@@ -144,7 +161,7 @@ def lean_adjoint_remat(velocity_fn: Callable, base_velocity_fn: Callable, checkp
   Instead of a stored (K+1, B, ...) trajectory this takes the segment-start states of
   ``sampling.simulate_checkpoints`` and the noise; going backward over the segments it recomputes the
   L = K / S states of one segment with ``velocity_fn`` (the model that produced the trajectory; the
-  same ``sampling.euler``), then runs the same backward recursion as ``lean_adjoint`` over them.
+  same ``sampling.advance``), then runs the same backward recursion as ``lean_adjoint`` over them.
   Only the pairs the loss uses are kept.
 
   Args:
@@ -184,7 +201,7 @@ def lean_adjoint_remat(velocity_fn: Callable, base_velocity_fn: Callable, checkp
 
     def forward(x, inp1):
       s, noise_k = inp1
-      return euler(velocity_fn, x, noise_k, s), x
+      return advance(velocity_fn, x, noise_k, s), x
 
     _, xs = jax.lax.scan(forward, x_start, (steps, rows))  # xs[i] = X_{jL + i}
 

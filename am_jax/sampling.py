@@ -14,12 +14,22 @@ Two interchangeable solvers apply exactly this map: ``'diffrax'`` (diffrax.Euler
 MultiTerm(ODETerm, ControlTerm) with StepTo over the grid, SaveAt every step, and the pre-drawn
 increments as the control) and ``'scan'`` (a ``lax.scan`` of the same step: same noise, same grid,
 same arithmetic).  ``tests/test_sampling.py`` checks they agree to float tolerance.
+
+``integrator='exponential'`` (docs/maths.md section 6; memoryless or ODE diffusion) replaces the Euler step by
+the exact solution of the step's linear SDE with the network's data prediction D = E[X_1 | x] held fixed:
+
+    X_{k+1} = lin_k X_k + gain_k v(X_k, tau_k) + noise_scale_k xi_k
+
+(DDPM ancestral / DDIM eta = 1 for the VP schedule, DDIM for the ODE).  Its coefficients are the optional
+fields ``lin``, ``gain``, ``noise_scale`` of ``StepCoefficients`` (None for Euler, whose arithmetic is
+unchanged); every stepping function here dispatches on them (``advance``).  The diffrax path uses the custom
+solver ``am_jax.integrators.ExponentialIntegrator``.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import chex
 import diffrax
@@ -32,6 +42,7 @@ from am_jax import schedules as schedules_lib
 from am_jax.dynamics import _bcast
 
 SOLVERS = ("scan", "diffrax")
+INTEGRATORS = ("euler", "exponential")
 
 
 class StepCoefficients(NamedTuple):
@@ -47,6 +58,10 @@ class StepCoefficients(NamedTuple):
     loss_sigma: (K,) nominal sigma(tau_k) of the diffusion (not zeroed on a noiseless last step):
       the weight of the Adjoint Matching loss.
     loss_drift_scale: (K,) nominal c(tau_k); the control of step k is u = (1 + c) (v_ft - v_base) / sigma.
+    lin, gain, noise_scale: (K,) the exponential integrator's step X_{k+1} = lin_k X_k + gain_k v(X_k, tau_k)
+      + noise_scale_k xi_k, or None (Euler, the default).  With them set, sigma / drift_scale / kappa keep their
+      nominal (Euler) values and loss_sigma / loss_drift_scale hold that scheme's loss coefficients
+      (``exponential_loss_coefficients``).
   """
 
   t: jax.Array
@@ -57,14 +72,72 @@ class StepCoefficients(NamedTuple):
   kappa: jax.Array
   loss_sigma: jax.Array
   loss_drift_scale: jax.Array
+  lin: Optional[jax.Array] = None
+  gain: Optional[jax.Array] = None
+  noise_scale: Optional[jax.Array] = None
 
   @property
   def num_steps(self) -> int:
     return self.dt.shape[0]
 
+  @property
+  def integrator(self) -> str:
+    return "euler" if self.gain is None else "exponential"
+
+
+def exponential_step(schedule: schedules_lib.Schedule, s, t, tau, memoryless: bool = True):
+  """Coefficients (lin, gain, noise_scale) of one exponential-integrator step from time s to t (docs/maths.md sec. 6).
+
+  The network is evaluated once, at (X_s, tau); its data prediction D = E[X_1 | X_s] = p v + q X_s (exact
+  conversion at tau: p = beta / den, q = -betadot / den, den = alphadot beta - alpha betadot) is held fixed and
+  the memoryless SDE  dX = [(2 betadot / beta - kappa) X + 2 (eta alpha / beta^2) D] dt + sqrt(2 eta) dB  is solved
+  exactly over [s, t].  With rho = SNR_s / SNR_t (SNR = alpha^2 / beta^2):
+
+      X_t = rho (alpha_t / alpha_s) X_s + alpha_t (1 - rho) D + beta_t sqrt(1 - rho) xi,     (memoryless)
+      X_t = (beta_t / beta_s) X_s + (alpha_t - alpha_s beta_t / beta_s) D,                   (ODE: DDIM)
+
+  i.e. X_t = c_x X_s + c_d D + noise_scale xi, so lin = c_x + c_d q and gain = c_d p.  For the VP schedule the first
+  line is the DDPM posterior q(x_t | x_s, x_1 = D) (ancestral sampling, DDIM eta = 1).  No coefficient is singular:
+  rho (alpha_t / alpha_s) = alpha_s beta_t^2 / (alpha_t beta_s^2) -> 0 as alpha_s -> 0 (t = 0 of a flow), and at
+  t = 1 (beta_1 = 0) the step is noiseless, X_1 = D.  Elementwise in s, t, tau (arrays or scalars).
+  """
+  a_s, a_t = schedule.alpha(s), schedule.alpha(t)
+  b2_s, b2_t = schedule.beta(s) ** 2, schedule.beta(t) ** 2
+  a_tau, b_tau = schedule.alpha(tau), schedule.beta(tau)
+  ad_tau, bd_tau = schedule.alpha_dot(tau), schedule.beta_dot(tau)
+  den = ad_tau * b_tau - a_tau * bd_tau  # = eta alpha / beta > 0
+  p, q = b_tau / den, -bd_tau / den
+  at_end = t >= 1.0  # beta_1 = 0 exactly: noiseless (cosine's float32 beta(1) is -4e-8, not 0)
+  if memoryless:
+    c_x = jnp.where(at_end, 0.0, a_s * b2_t / (a_t * b2_s))
+    one_minus_rho = jnp.clip(1.0 - (a_s * a_s * b2_t) / (a_t * a_t * b2_s), 0.0, 1.0)
+    noise_scale = jnp.where(at_end, 0.0, jnp.sqrt(b2_t * one_minus_rho))
+  else:
+    c_x = jnp.where(at_end, 0.0, jnp.sqrt(b2_t / b2_s))
+    noise_scale = jnp.zeros_like(c_x)
+  c_d = a_t - a_s * c_x
+  return c_x + c_d * q, c_d * p, noise_scale
+
+
+def exponential_loss_coefficients(dt, gain, noise_scale, nominal_sigma, nominal_drift_scale):
+  """(loss_sigma, loss_drift_scale) of the exponential scheme (docs/maths.md section 6).
+
+  The fine-tuned step shifts the base step's mean by gain (v_ft - v_base) at noise scale noise_scale, a KL of
+  |w|^2 / 2 with w = gain (v_ft - v_base) / noise_scale; the discrete optimality condition is
+  w_k = -noise_scale_k E[a_{k+1} | X_k].  In the loss's units (u = w / sqrt(h), so Euler's u is unchanged):
+  u = (1 + c) (v_ft - v_base) / sigma_L and target -sigma_L a_{k+1} with sigma_L = noise_scale / sqrt(h) and
+  1 + c = gain / h.  Where noise_scale = 0 (the last step, noiseless in the exact scheme) the nominal memoryless
+  coefficients are kept, as for Euler's noiseless last step.
+  """
+  noisy = noise_scale > 0
+  loss_sigma = jnp.where(noisy, noise_scale / jnp.sqrt(dt), nominal_sigma)
+  loss_c = jnp.where(noisy, gain / dt - 1.0, nominal_drift_scale)
+  return loss_sigma, loss_c
+
 
 def make_coefficients(schedule: schedules_lib.Schedule, diffusion="memoryless", num_steps: int = 40,
-                      time_offset: float = 0.5, noiseless_last_step: bool = False) -> StepCoefficients:
+                      time_offset: float = 0.5, noiseless_last_step: bool = False,
+                      integrator: str = "euler") -> StepCoefficients:
   """Builds the per-step coefficients of a uniform K-step grid on [0, 1].
 
   Args:
@@ -73,9 +146,16 @@ def make_coefficients(schedule: schedules_lib.Schedule, diffusion="memoryless", 
     num_steps: K >= 1.
     time_offset: tau_k = t_k + time_offset * h, in (0, 1].  0 is refused: it evaluates the
       memoryless drift at t = 0 where it is infinite.
-    noiseless_last_step: make the last step an ODE step (sigma = 0).
+    noiseless_last_step: make the last step an ODE step (sigma = 0).  No effect with the exponential
+      integrator, whose exact last step is already noiseless and equal to the ODE step (beta_1 = 0).
+    integrator: 'euler' (Euler-Maruyama) or 'exponential' (``exponential_step``; memoryless or ODE diffusion).
   """
   diffusion = schedules_lib.get_diffusion(diffusion)
+  if integrator not in INTEGRATORS:
+    raise ValueError(f"integrator must be one of {INTEGRATORS}, got {integrator!r}.")
+  if integrator == "exponential" and not isinstance(diffusion, (schedules_lib.Memoryless,
+                                                                schedules_lib.ZeroDiffusion)):
+    raise ValueError(f"integrator='exponential' needs diffusion 'memoryless' or 'ode', got {diffusion!r}.")
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"num_steps must be a positive integer, got {num_steps}.")
   if not 0.0 < time_offset <= 1.0:
@@ -89,6 +169,14 @@ def make_coefficients(schedule: schedules_lib.Schedule, diffusion="memoryless", 
   if noiseless_last_step:
     sigma = sigma.at[-1].set(0.0)
     c = c.at[-1].set(0.0)
+  if integrator == "exponential":
+    lin, gain, noise_scale = exponential_step(schedule, t[:-1], t[1:], tau,
+                                              isinstance(diffusion, schedules_lib.Memoryless))
+    loss_sigma, loss_c = exponential_loss_coefficients(dt, gain, noise_scale, nominal_sigma, nominal_c)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return StepCoefficients(t=t, tau=tau, dt=dt, sigma=f32(sigma), drift_scale=f32(c), kappa=f32(schedule.kappa(tau)),
+                            loss_sigma=f32(loss_sigma), loss_drift_scale=f32(loss_c), lin=f32(lin), gain=f32(gain),
+                            noise_scale=f32(noise_scale))
   return StepCoefficients(t=t, tau=tau, dt=dt, sigma=sigma.astype(jnp.float32), drift_scale=c.astype(jnp.float32),
                           kappa=schedule.kappa(tau).astype(jnp.float32),
                           loss_sigma=nominal_sigma.astype(jnp.float32),
@@ -103,6 +191,9 @@ class Step(NamedTuple):
   sigma: jax.Array
   drift_scale: jax.Array
   kappa: jax.Array
+  lin: Optional[jax.Array] = None
+  gain: Optional[jax.Array] = None
+  noise_scale: Optional[jax.Array] = None
 
 
 def per_step(coeffs: StepCoefficients) -> Step:
@@ -112,11 +203,12 @@ def per_step(coeffs: StepCoefficients) -> Step:
   index-normalising gathers per step: 20-30 us per step on XLA:CPU, ~10% of a 2-D sampling step
   (docs/performance.md section 12.2).  The arithmetic is unchanged.
   """
-  return Step(coeffs.tau, coeffs.dt, coeffs.sigma, coeffs.drift_scale, coeffs.kappa)
+  return Step(coeffs.tau, coeffs.dt, coeffs.sigma, coeffs.drift_scale, coeffs.kappa, coeffs.lin, coeffs.gain,
+              coeffs.noise_scale)
 
 
 def step_at(coeffs: StepCoefficients, k) -> Step:
-  return Step(coeffs.tau[k], coeffs.dt[k], coeffs.sigma[k], coeffs.drift_scale[k], coeffs.kappa[k])
+  return jax.tree.map(lambda a: a[k], per_step(coeffs))
 
 
 def drift_of(v, x, s: Step):
@@ -204,9 +296,22 @@ def euler(velocity_fn, x, noise_k, s: Step):
   return x + s.dt * drift_of(v, x, s) + s.sigma * (noise_k * jnp.sqrt(s.dt))
 
 
+def exponential(velocity_fn, x, noise_k, s: Step):
+  """One exponential-integrator step: lin x + gain v(x, tau) + noise_scale xi (``exponential_step``)."""
+  v = velocity_fn(x, jnp.full((x.shape[0],), s.tau, dtype=jnp.float32))
+  return s.lin * x + s.gain * v + s.noise_scale * noise_k
+
+
+def advance(velocity_fn, x, noise_k, s: Step):
+  """One step of the scheme the coefficients s belong to: ``exponential`` if s.gain is set, else ``euler``."""
+  if s.gain is None:
+    return euler(velocity_fn, x, noise_k, s)
+  return exponential(velocity_fn, x, noise_k, s)
+
+
 def euler_step(velocity_fn, x, noise_k, coeffs: StepCoefficients, k):
-  """X_{k+1} from X_k = x: one Euler-Maruyama step with the standard normal draw noise_k (= noise[k])."""
-  return euler(velocity_fn, x, noise_k, step_at(coeffs, k))
+  """X_{k+1} from X_k = x: one step (Euler-Maruyama, or exponential if coeffs has it) with the draw noise_k."""
+  return advance(velocity_fn, x, noise_k, step_at(coeffs, k))
 
 
 def scan_steps(step_fn: Callable, x0, inputs, carry=()):
@@ -235,7 +340,7 @@ def scan_steps(step_fn: Callable, x0, inputs, carry=()):
 def _simulate_scan(velocity_fn, x0, noise, coeffs):
   def step(x, carry, inp):
     s, noise_k = inp
-    return euler(velocity_fn, x, noise_k, s), carry, ()
+    return advance(velocity_fn, x, noise_k, s), carry, ()
 
   return scan_steps(step, x0, (per_step(coeffs), noise))[0]
 
@@ -277,7 +382,7 @@ def simulate_checkpoints(velocity_fn: Callable, x0, noise, coeffs: StepCoefficie
 
     def body(x, inp):
       s, noise_k = inp
-      return euler(velocity_fn, x, noise_k, s), None
+      return advance(velocity_fn, x, noise_k, s), None
 
     x_end, _ = jax.lax.scan(body, x, (segment_steps(coeffs, j, seg_len), rows))
     return x_end, x
@@ -290,7 +395,27 @@ def _nearest_index(ts, t):
   return jnp.argmin(jnp.abs(ts - t))
 
 
+def _simulate_diffrax_exponential(velocity_fn, x0, noise, coeffs):
+  from am_jax.integrators import ExponentialIntegrator  # pylint: disable=g-import-not-at-top
+  batch, ts, num_steps = x0.shape[0], coeffs.t, coeffs.num_steps
+
+  def velocity(t, x, args):
+    return velocity_fn(x, jnp.full((batch,), t, dtype=jnp.float32))
+
+  def increments(t0, t1):
+    return noise[jnp.minimum(_nearest_index(ts, t0), num_steps - 1)] * jnp.sqrt(t1 - t0)
+
+  terms = diffrax.MultiTerm(diffrax.ODETerm(velocity),
+                            diffrax.ControlTerm(lambda t, x, args: jnp.ones((), x.dtype), increments))
+  sol = diffrax.diffeqsolve(terms, ExponentialIntegrator(coeffs=coeffs), t0=ts[0], t1=ts[-1], dt0=None, y0=x0,
+                            stepsize_controller=diffrax.StepTo(ts=ts), saveat=diffrax.SaveAt(t0=True, steps=True),
+                            max_steps=num_steps, throw=False)
+  return sol.ys
+
+
 def _simulate_diffrax(velocity_fn, x0, noise, coeffs):
+  if coeffs.gain is not None:
+    return _simulate_diffrax_exponential(velocity_fn, x0, noise, coeffs)
   batch, ts, num_steps = x0.shape[0], coeffs.t, coeffs.num_steps
 
   def step_of(t):
@@ -321,7 +446,8 @@ def simulate(velocity_fn: Callable, x0, noise, coeffs: StepCoefficients, solver:
     x0: (B, ...) initial states (N(0, I) for a generative process).
     noise: (K, B, ...) standard normal draws (``draw_noise``); ignored where sigma_k = 0.
     coeffs: from ``make_coefficients``.
-    solver: 'scan' (lax.scan) or 'diffrax' (diffrax.Euler + StepTo); same numbers.
+    solver: 'scan' (lax.scan) or 'diffrax' (diffrax.Euler + StepTo, or ``integrators.ExponentialIntegrator`` for
+      exponential coefficients); same numbers.
 
   Returns:
     (K+1, B, ...) trajectory including X_0 and X_K = X_1.
@@ -336,12 +462,13 @@ def simulate(velocity_fn: Callable, x0, noise, coeffs: StepCoefficients, solver:
 
 def sample(apply_fn: Callable, params, key, x_shape, schedule, diffusion="memoryless", num_steps: int = 40,
            time_offset: float = 0.5, noiseless_last_step: bool = False, cond=(), solver: str = "scan",
-           return_trajectory: bool = False):
+           return_trajectory: bool = False, integrator: str = "euler"):
   """Draws samples X_1 from a velocity model with any diffusion coefficient (ODE included).
 
   ``apply_fn(params, x, t, *cond)``; x_shape = (B, ...).  Returns (B, ...) or the (K+1, B, ...) path.
+  ``integrator``: 'euler' or 'exponential' (memoryless or ODE diffusion; ``make_coefficients``).
   """
-  coeffs = make_coefficients(schedule, diffusion, num_steps, time_offset, noiseless_last_step)
+  coeffs = make_coefficients(schedule, diffusion, num_steps, time_offset, noiseless_last_step, integrator)
   k0, kn = jax.random.split(key)
   x0 = jax.random.normal(k0, tuple(x_shape), jnp.float32)
   noise = draw_noise(kn, num_steps, x_shape)
