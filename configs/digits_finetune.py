@@ -42,6 +42,8 @@ def get_config():
                     optimizer=dict(name="adam", learning_rate=1e-4, warmup_steps=10, decay="constant",
                                    grad_clip=1.0, weight_decay=0.0))
   c.checkpoint = dict(every_steps=100, max_to_keep=1, async_save=True, verify=True)
+  # Fields allowed to differ from the run's stored config on resume ("a.b,c" or "all"; see jobs.check_resume).
+  c.resume = dict(allow_changes="")
   c.mesh = dict(num_devices=1)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.eval = dict(num_samples=100, num_steps=20, every=0, watch_samples=64, samples_per_class=50, guidance=2.0,

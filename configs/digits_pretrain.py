@@ -60,6 +60,8 @@ def _ring_config():  # configs/gmm2d.py (kept self-contained: configs ship as pa
       optimizer=dict(name="adam", learning_rate=1e-3, warmup_steps=0, decay="constant", grad_clip=0.0,
                      weight_decay=0.0))
   c.checkpoint = dict(every_steps=250, max_to_keep=3, async_save=True, verify=True)
+  # Fields allowed to differ from the run's stored config on resume ("a.b,c" or "all"; see jobs.check_resume).
+  c.resume = dict(allow_changes="")
   c.mesh = dict(num_devices=-1)  # -1: every device of every host
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   # num_steps 0: the training grid (am.num_steps); every > 0: log the rewards on a fixed batch every N steps.

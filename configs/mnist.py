@@ -81,6 +81,8 @@ def get_config(arg: str = ""):
                     optimizer=dict(name="adam", learning_rate=1e-3 if a["param"] == "lora" else 1e-4,
                                    warmup_steps=10, decay="constant", grad_clip=1.0, weight_decay=0.0))
   c.checkpoint = dict(every_steps=100, max_to_keep=1, async_save=True, verify=True)
+  # Fields allowed to differ from the run's stored config on resume ("a.b,c" or "all"; see jobs.check_resume).
+  c.resume = dict(allow_changes="")
   c.mesh = dict(num_devices=-1)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.eval = dict(num_samples=256, num_steps=20, every=20, watch_samples=128, samples_per_class=20, guidance=2.0,
