@@ -58,6 +58,7 @@ _ATTRIBUTES = {
     "get_schedule": "schedules",
     "sample": "sampling",
     "lean_adjoint": "adjoint",
+    "ExponentialIntegrator": "integrators",
     "residual_model": "parameterisation",
     "mixed_precision": "parameterisation",
     "GaussianMixture": "gmm",
@@ -76,7 +77,7 @@ __all__ = [
     "adjoint_matching_objective", "flow_matching_loss",
     # building blocks
     "Schedule", "LinearSchedule", "CosineSchedule", "VPSchedule", "get_schedule", "sample", "lean_adjoint",
-    "residual_model", "mixed_precision", "GaussianMixture",
+    "ExponentialIntegrator", "residual_model", "mixed_precision", "GaussianMixture",
     # training runs
     "TrainState", "make_finetune_step", "make_pretrain_step", "Checkpointer", "make_mesh", "MetricsWriter",
     # submodules
@@ -93,6 +94,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
   from am_jax.builders import ConfigError, build_problem
   from am_jax.checkpointing import Checkpointer
   from am_jax.gmm import GaussianMixture
+  from am_jax.integrators import ExponentialIntegrator
   from am_jax.losses import AMConfig, adjoint_matching_loss, adjoint_matching_objective, flow_matching_loss
   from am_jax.parameterisation import mixed_precision, residual_model
   from am_jax.problem import Problem

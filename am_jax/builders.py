@@ -551,7 +551,8 @@ def build_am_config(cfg) -> losses.AMConfig:
                 random_timestep_fraction=float(am.random_timestep_fraction),
                 num_last_timesteps=int(am.num_last_timesteps), loss_clip=None if not clip else float(clip),
                 solver=str(am.solver), diffusion=am.diffusion, remat_segments=am.get("remat_segments", 0),
-                chunk_loss=am.get("chunk_loss", False), network_dtype=am.get("network_dtype", "float32"))
+                chunk_loss=am.get("chunk_loss", False), network_dtype=am.get("network_dtype", "float32"),
+                integrator=am.get("integrator", "euler"))
   try:
     return losses.AMConfig(**kwargs)
   except (ValueError, TypeError) as e:

@@ -258,7 +258,7 @@ def noise_rows(key, start, length: int, num_steps: int, x_shape, dtype=jnp.float
   halves of the 64-bit index, then jax.random's uniform -> normal transform).  ``start`` may be traced.
   Otherwise (typed or non-threefry keys, dtypes other than float32, >= 2^32 elements) it slices the
   full draw (same values, O(K B dim) memory).
-  Tested against ``draw_noise`` (tests/test_performance.py): if a future jax changed its sampler,
+  Tested against ``draw_noise`` (tests/test_sampling.py): if a future jax changed its sampler,
   that test fails; the values would still be valid N(0, 1) draws.
   """
   x_shape = tuple(x_shape)

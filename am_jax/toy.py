@@ -66,8 +66,8 @@ def finetune_mixture(gmm: gmm_lib.GaussianMixture, reward_fn: Callable, config: 
     gmm: exact base mixture (its closed-form velocity is the frozen base model).
     reward_fn: ``reward_fn(x (B, d)) -> (B,)``, the raw reward; lambda is ``config.reward_multiplier``.
     config: AMConfig: schedule, sampling grid of the result (``evaluate_against_target``), network_dtype of the
-      residual MLP (the exact base stays float32) and, by default, the objective's config (use
-      ``loss_clip=None`` here: the paper's clip removes the informative heavy-tailed terms, docs/maths.md section 4).
+      residual MLP (the exact base stays float32) and, by default, the objective's config (keep the default
+      ``loss_clip=None``: the paper's clip removes the informative heavy-tailed terms, docs/maths.md section 4).
     objective: an ``am_jax.methods`` objective, e.g. ``methods.eam(config, num_times=32)``; build it with the same
       ``config``.  Default: ``methods.am(config)`` (Adjoint Matching) with the network cast done here.
     steps, batch_size, learning_rate: Adam optimisation of the residual MLP (``hidden`` widths).

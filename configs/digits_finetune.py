@@ -34,7 +34,8 @@ def get_config():
   c.am = dict(reward_multiplier=2.0, num_steps=20, time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=4, random_timestep_fraction=0.75, num_last_timesteps=4,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
-              remat_segments=0, chunk_loss=False, network_dtype="float32")
+              remat_segments=0, chunk_loss=False, network_dtype="float32",
+              integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
   c.method = dict(name="am", options="")
   c.finetune = dict(steps=300, batch_size=32, parameterisation="full", hidden=(64,), lora_rank=4, ema_decay=0.0,
                     log_every=50, cond="",

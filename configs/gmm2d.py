@@ -41,7 +41,8 @@ def get_config():
               num_random_timesteps=10, random_timestep_fraction=0.75, num_last_timesteps=10,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
               # Memory / precision options (docs/performance.md sections 12.3-12.4); the defaults store everything in float32.
-              remat_segments=0, chunk_loss=False, network_dtype="float32")
+              remat_segments=0, chunk_loss=False, network_dtype="float32",
+              integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
 
   # The fine-tuning method: am_jax.methods.build(name, AMConfig, **options) with name in am, eam, draft, refl, ...
   # and options as "key=value,key=value" (Python literals), e.g. --config.method.options="num_times=8,weights='exact'".

@@ -91,4 +91,11 @@ def build(name: str, config: losses.AMConfig = losses.AMConfig(), **overrides) -
   >>> objective = build("eam", losses.AMConfig(reward_multiplier=4.0), num_times=32)
   """
   options(name, **overrides)  # one-line errors for unknown names before the factory's own checks
+  if getattr(config, "integrator", "euler") != "euler" and name not in INTEGRATOR_METHODS:
+    raise ValueError(f"AMConfig.integrator = {config.integrator!r} is implemented for {INTEGRATOR_METHODS} only; "
+                     f"method {name!r} integrates with 'euler'.")
   return METHODS[name](config, **overrides)
+
+
+# Methods whose rollout, adjoint and loss follow ``AMConfig.integrator`` (the others use the Euler step).
+INTEGRATOR_METHODS = ("am",)

@@ -74,6 +74,9 @@ def slice_coeffs(coeffs: sampling.StepCoefficients, start: int, stop: int) -> sa
   """Steps start..stop-1 of a grid (nodes start..stop), for simulating or adjoining a segment."""
   per_step = {f: getattr(coeffs, f)[start:stop] for f in ("tau", "dt", "sigma", "drift_scale", "kappa",
                                                           "loss_sigma", "loss_drift_scale")}
+  # The exponential integrator's per-step coefficients (None for Euler).
+  per_step.update({f: getattr(coeffs, f)[start:stop] for f in ("lin", "gain", "noise_scale")
+                   if getattr(coeffs, f) is not None})
   return coeffs._replace(t=coeffs.t[start:stop + 1], **per_step)
 
 

@@ -1,0 +1,226 @@
+r"""Euler vs the exponential integrator (docs/maths.md section 6) on the exact mixture problems.
+
+    python -m benchmarks.integrators --part=base       # base process / ODE accuracy at K = 10, 20, 40 (~1 min)
+    python -m benchmarks.integrators --part=finetune   # 1-D Fig. 2 and 2-D ring fine-tunes, 3 seeds each (~15 min)
+    python -m benchmarks.integrators --part=fixed_point  # s*: is the exact tilt each scheme's loss minimiser? (~1 min)
+    python -m benchmarks.integrators --part=reuse      # trajectory reuse R = 1, 2, 4, 8 at a fixed wall-clock budget
+
+``base``: the exact base velocity sampled with each integrator (memoryless SDE and ODE), 20k samples, 3 seeds:
+W1 to the exact CDF (1-D bimodal) or sliced W1 to an exact sample (2-D ring of the main job) next to the noise
+floor (two exact samples).  ``finetune``: ``toy.finetune_mixture`` (exact base + zero-initialised control MLP,
+Adam 1e-3, 1000 steps, default AMConfig apart from the integrator / K), evaluated with the Euler ODE on the K = 40
+grid (``toy.evaluate_against_target``): 1-D bimodal with r(x) = x (batch 512; W1 to the exact tilt's CDF,
+right-mode mass, target 0.881) and the 2-D ring with the main job's quadratic reward (batch 256, hidden (64, 64);
+sliced W1 to the exact tilt and its noise floor).  Writes ``benchmarks/results/integrators_<part>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from am_jax import gmm, losses, metrics, rewards, sampling, schedules, toy
+
+S = schedules.LinearSchedule()
+RING = dict(num=8, radius=2.0, std=0.25)
+RING_REWARD = (0.5 * jnp.eye(2), jnp.array([1.0, 0.5]))  # r(x) = -|x|^2/4 + (1, 0.5).x, configs/gmm2d.py
+
+
+def _summary(values):
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+
+def base_accuracy(seeds=(0, 1, 2), n=20000):
+  out = {}
+  for name, mix in [("1d_bimodal", gmm.bimodal_1d()), ("2d_ring", gmm.ring_2d(**RING))]:
+    vf = lambda x, t, mix=mix: gmm.velocity(mix, x, t, S)  # noqa: E731
+    for diffusion in ("memoryless", "ode"):
+      for integrator in ("euler", "exponential"):
+        for k in (10, 20, 40):
+          dists, floors = [], []
+          for seed in seeds:
+            coeffs = sampling.make_coefficients(S, diffusion, k, 0.5, True, integrator)
+            k0, kn, k1, k2 = jax.random.split(jax.random.PRNGKey(seed), 4)
+            x0 = jax.random.normal(k0, (n, mix.dim))
+            xs = jax.jit(lambda x0, kn: sampling.simulate(vf, x0, sampling.draw_noise(kn, k, x0.shape), coeffs)[-1])(
+                x0, kn)
+            if mix.dim == 1:
+              dists.append(metrics.wasserstein1_to_cdf(xs, lambda z: np.asarray(gmm.cdf_1d(mix, z))))  # noqa: B023
+              floors.append(0.0)
+            else:
+              ref, ref2 = gmm.sample(mix, k1, n), gmm.sample(mix, k2, n)
+              dists.append(float(metrics.sliced_wasserstein1(xs, ref)))
+              floors.append(float(metrics.sliced_wasserstein1(ref2, ref)))
+          key = f"{name}/{diffusion}/{integrator}/K={k}"
+          out[key] = {"distance": _summary(dists), "noise_floor": _summary(floors)}
+          print(f"{key:45s} {np.mean(dists):.4f} +- {np.std(dists, ddof=1):.4f}  (floor {np.mean(floors):.4f})",
+                flush=True)
+  return out
+
+
+def finetune(seeds=(0, 1, 2), steps=1000, runs=None):
+  runs = runs or [("euler", 40), ("exponential", 40), ("exponential", 20)]
+  out = {}
+  problems = [("1d_bimodal", gmm.bimodal_1d(), rewards.linear_reward(1.0), gmm.tilt_linear(gmm.bimodal_1d(), 1.0),
+               dict(batch_size=512)),
+              ("2d_ring", gmm.ring_2d(**RING), rewards.quadratic_reward(*RING_REWARD),
+               gmm.tilt_quadratic(gmm.ring_2d(**RING), *RING_REWARD), dict(batch_size=256, hidden=(64, 64)))]
+  for name, base, reward, target, kw in problems:
+    for integrator, k in runs:
+      rows = []
+      for seed in seeds:
+        config = losses.AMConfig(integrator=integrator, num_steps=k)
+        t0 = time.perf_counter()
+        res = toy.finetune_mixture(base, reward, config, steps=steps, seed=seed, log_fn=None, **kw)
+        ev = toy.evaluate_against_target(res, target, diffusion="ode", num_steps=40)
+        row = {"seed": seed, "distance": float(ev.get("distance_to_cdf", ev["distance"])),
+               "noise_floor": float(ev["noise_floor"]), "mode_mass": [float(m) for m in ev["mode_mass"]],
+               "train_seconds": res.seconds, "wall_seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(f"{name} {integrator} K={k} seed {seed}: distance {row['distance']:.4f} (floor "
+              f"{row['noise_floor']:.4f}) mass {np.round(row['mode_mass'], 3).tolist()} train {res.seconds:.0f} s",
+              flush=True)
+      out[f"{name}/{integrator}/K={k}"] = {
+          "distance": _summary([r["distance"] for r in rows]), "noise_floor": _summary([r["noise_floor"] for r in rows]),
+          "target_mass": [float(w) for w in target.weights], "runs": rows}
+  return out
+
+
+def fixed_point(n=40000, seed=3):
+  """The scale s* minimising each scheme's loss along v_base + s (v_tilt - v_base) on the exact tilt's trajectories
+  (1-D bimodal, r(x) = x): 1 if the scheme's discrete optimum is the exact tilted velocity.  Global and per step."""
+  from am_jax import adjoint
+  mix = gmm.bimodal_1d()
+  target = gmm.tilt_linear(mix, 1.0)
+  vb = lambda x, t: gmm.velocity(mix, x, t, S)  # noqa: E731
+  vs = lambda x, t: gmm.velocity(target, x, t, S)  # noqa: E731
+  out = {}
+  for k_steps in (40, 10):
+    for integrator in ("euler", "exponential"):
+      c = sampling.make_coefficients(S, "memoryless", k_steps, 0.5, True, integrator)
+      k0, kn = jax.random.split(jax.random.PRNGKey(seed))
+      x0 = jax.random.normal(k0, (n, 1))
+      traj = sampling.simulate(vs, x0, sampling.draw_noise(kn, k_steps, x0.shape), c)
+      a1, _ = adjoint.terminal_adjoint(rewards.linear_reward(1.0), traj[-1], 1.0)
+      adj = adjoint.lean_adjoint(vb, traj, a1, c)
+      num, den = [], []
+      for k in range(k_steps):
+        t = jnp.full((n,), c.tau[k])
+        u = (1 + c.loss_drift_scale[k]) / c.loss_sigma[k] * (vs(traj[k], t) - vb(traj[k], t))
+        tgt = -c.loss_sigma[k] * adj[k + 1]
+        num.append(float(jnp.sum(u * tgt)))
+        den.append(float(jnp.sum(u * u)))
+      per_step = (np.array(num) / np.array(den)).tolist()
+      out[f"{integrator}/K={k_steps}"] = {"global": sum(num) / sum(den), "per_step": per_step}
+      print(f"{integrator:12s} K={k_steps}: s* {sum(num) / sum(den):.3f}; per step (every K/10) "
+            + " ".join(f"{v:.2f}" for v in per_step[::max(1, k_steps // 10)]), flush=True)
+  return out
+
+
+def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="euler", eval_every_s=5.0,
+          only=("1d_bimodal", "2d_ring")):
+  """Trajectory reuse: each simulated batch (trajectories + lean adjoint) feeds R Adam steps, each with its own
+  loss time steps; wall-clock (training only; evaluation not timed) to a fixed distance on both exact problems."""
+  import optax
+  from flax import nnx
+
+  from am_jax import models
+  from am_jax import parameterisation as param_lib
+  out = {}
+  problems = [("1d_bimodal", gmm.bimodal_1d(), rewards.linear_reward(1.0), gmm.tilt_linear(gmm.bimodal_1d(), 1.0),
+               512, (64, 64)),
+              ("2d_ring", gmm.ring_2d(**RING), rewards.quadratic_reward(*RING_REWARD),
+               gmm.tilt_quadratic(gmm.ring_2d(**RING), *RING_REWARD), 256, (64, 64))]
+  config = losses.AMConfig(integrator=integrator)
+  for name, base, reward, target, batch, hidden in problems:
+    if name not in only:
+      continue
+    base_apply = toy.mixture_base(base, S)
+    for r in repeats:
+      rows = []
+      for seed in seeds:
+        net_apply, params = models.functional(models.MLP(base.dim, hidden=hidden, zero_init_output=True,
+                                                         rngs=nnx.Rngs(seed)))
+        ft = param_lib.residual_model(base_apply, base, net_apply, S, "control")
+        opt = optax.adam(1e-3)
+        opt_state = opt.init(params)
+
+        @jax.jit
+        def simulate(params, key):
+          return losses.make_am_batch(ft, params, base_apply, base, reward, key, (batch, base.dim), config)
+
+        @jax.jit
+        def update(params, opt_state, am_batch, key):
+          grads = jax.grad(lambda p: losses.adjoint_matching_loss(ft, p, base_apply, base, am_batch, key, config)[0])(
+              params)
+          updates, opt_state = opt.update(grads, opt_state, params)
+          return optax.apply_updates(params, updates), opt_state
+
+        def evaluate(params):
+          res = toy.ToyResult(params, ft, {}, 0.0, config)
+          ev = toy.evaluate_against_target(res, target, diffusion="ode", num_steps=40, num_samples=20000)
+          return float(ev.get("distance_to_cdf", ev["distance"])), float(ev["noise_floor"])
+
+        key = jax.random.PRNGKey(seed)
+        # Compile outside the clock.
+        b0 = simulate(params, key)
+        jax.block_until_ready(update(params, opt_state, b0, key))
+        elapsed, steps, curve, next_eval = 0.0, 0, [], eval_every_s
+        while elapsed < budget_s:
+          t0 = time.perf_counter()
+          key, k_sim = jax.random.split(key)
+          am_batch = simulate(params, k_sim)
+          for _ in range(r):
+            key, k_loss = jax.random.split(key)
+            params, opt_state = update(params, opt_state, am_batch, k_loss)
+            steps += 1
+          jax.block_until_ready(params)
+          elapsed += time.perf_counter() - t0
+          if elapsed >= next_eval or elapsed >= budget_s:
+            d, floor = evaluate(params)
+            curve.append((elapsed, steps, d))
+            next_eval += eval_every_s
+        rows.append({"seed": seed, "curve": curve, "final": curve[-1][2], "noise_floor": floor, "steps": steps})
+        print(f"{name} R={r} seed {seed}: {steps} steps in {elapsed:.0f} s, final distance {curve[-1][2]:.4f} "
+              f"(floor {floor:.4f}); curve " + " ".join(f"{c[0]:.0f}s:{c[2]:.3f}" for c in curve), flush=True)
+      out[f"{name}/R={r}"] = {"final": _summary([row["final"] for row in rows]), "runs": rows}
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--part", choices=["base", "finetune", "reuse", "fixed_point"], default="base")
+  parser.add_argument("--budget_s", type=float, default=60.0)
+  parser.add_argument("--repeats", default="1,2,4,8")
+  parser.add_argument("--integrator", default="euler")
+  parser.add_argument("--problems", default="1d_bimodal,2d_ring")
+  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--runs", default="euler:40,exponential:40,exponential:20")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = parser.parse_args()
+  seeds = tuple(int(s) for s in args.seeds.split(","))
+  if args.part == "base":
+    result = base_accuracy(seeds)
+  elif args.part == "fixed_point":
+    result = fixed_point()
+  elif args.part == "reuse":
+    result = reuse(seeds, args.budget_s, tuple(int(r) for r in args.repeats.split(",")), args.integrator,
+                   only=tuple(args.problems.split(",")))
+  else:
+    runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+    result = finetune(seeds, args.steps, runs)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f"integrators_{args.part}.json"), "w") as f:
+    json.dump({"command": f"python -m benchmarks.integrators --part={args.part}", "machine": "2-core shared CPU",
+               "result": result}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
