@@ -1,0 +1,709 @@
+r"""A PyTorch eager reference of the Adjoint Matching step, and am_jax / torch step-time ratios on CPU.
+
+    python -m benchmarks.torch_reference            # every workload -> benchmarks/results/torch_reference_cpu.*
+    python -m benchmarks.torch_reference --mode=xla --loss_times=m20 --rounds=3
+                                                    # XLA:CPU options, 3x256 MLP -> torch_reference_xla_cpu.*
+
+Needs the optional extra ``pip install -e ".[torch]"`` (any CPU build of torch >= 2.1; nothing in ``am_jax`` or the
+default tests imports torch; ``tests/test_torch_reference.py`` is skipped without it).
+
+The step (both frameworks, float32, the default Euler-Maruyama grid of ``AMConfig``; paper Alg. 1):
+
+1. forward memoryless SDE of the fine-tuned model without gradient, K = 40 steps,
+   X_{k+1} = X_k + h [v + c (v - kappa X_k)] + sigma sqrt(h) xi_k (``sampling.euler``);
+2. terminal adjoint a_K = -lambda grad r(X_K), then the lean adjoint by one VJP of the base drift per step,
+   a_k = a_{k+1} + h (grad_x b_k(X_k))^T a_{k+1}, k = K-1 .. 0 (``adjoint.lean_adjoint``);
+3. loss on the time subset S (``losses.select_timesteps``: 10 random from the first 3/4 + the last 10, or all 40),
+   mean over (k, b) of |(1 + c_k) / sigma_k (v_ft - v_base)(X_k) + sigma_k a_{k+1}|^2, with one batched network call
+   at the M B loss points (``losses.loss_at_timesteps``);
+4. gradient of the fine-tuned parameters and one Adam step (optax.adam / torch.optim.Adam, lr 1e-3).
+
+The torch side is what a PyTorch user would write: ``torch.no_grad`` rollout, ``torch.autograd.grad`` for each VJP,
+``loss.backward()``, ``torch.optim.Adam``; per-step coefficients are Python floats.  The am_jax side is the
+library's objective (``methods.am``) + optax Adam under one ``jax.jit`` with donated params and optimizer state
+(the step of ``toy.finetune_mixture``; the base params are a step argument as in ``training.make_finetune_step``).
+
+Workloads (``WORKLOADS``):
+
+* ``toy1d``: the 1-D toy of ``toy.finetune_mixture`` (exact bimodal mixture base ``gmm.bimodal_1d``, residual MLP
+  (64, 64) with the control parameterisation, linear reward c = 1, B = 512);
+* ``mlp_d2`` / ``mlp_d16``: a matmul-bound net: base = MLP (256, 256, 256) (32-feature sinusoidal time embedding,
+  ``models.MLP``) on d = 2 / 16, fine-tuned = a full copy of it, quadratic reward -|x|^2 / 4 + b.x, B = 256.
+
+Each runs with the default M = 20 loss times (``m20``) and with all M = 40 (``m40``, "equal work": no subset).
+``check_against_jax`` runs both frameworks from the same weights and the same draws (x0, xi, S of the am_jax
+objective's key) and returns the loss and gradients of both (the test compares them).
+
+Timing: ``interleaved`` (``benchmarks.common.interleaved`` plus process CPU time; compile and warm-up excluded;
+rounds alternate am_jax, torch with ``torch.set_num_threads(1)`` and with 2 threads); ratios are per round,
+reported as the median and range, in wall-clock and in CPU time (robust to other jobs on the cores).
+
+``--mode=xla`` (issue 17 item 2): each ``XLA_FLAG_VARIANTS`` setting in its own subprocess (``--mode=xla_worker``),
+timed there against the same torch step; in the default-flags process also ``IN_PROCESS_VARIANTS`` (matmul
+precision, bf16 networks, the loss one time step at a time).  Results: docs/performance.md section 12.8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from am_jax import gmm as gmm_lib
+from am_jax import losses, methods, models, parameterisation, rewards, sampling, schedules, toy
+from benchmarks import common
+
+LEARNING_RATE = 1e-3
+WORKLOADS = {
+    "toy1d": dict(kind="toy", dim=1, batch=512, hidden=(64, 64)),
+    "mlp_d2": dict(kind="mlp", dim=2, batch=256, hidden=(256, 256, 256)),
+    "mlp_d16": dict(kind="mlp", dim=16, batch=256, hidden=(256, 256, 256)),
+}
+LOSS_TIMES = {"m20": {}, "m40": dict(num_random_timesteps=30)}  # m40: the pool of 30 is taken whole -> all 40
+
+
+# ----------------------------------------------------------------------------------------------
+# The am_jax side
+
+
+@dataclasses.dataclass
+class JaxSetup:
+  """One workload in am_jax: the objective's inputs and the jitted train step."""
+
+  name: str
+  config: losses.AMConfig
+  x_shape: tuple
+  ft_apply: object
+  params: object        # fine-tuned (trained) params, an nnx State
+  base_apply: object
+  base_params: object   # nnx State (mlp) or GaussianMixture (toy)
+  reward_fn: object
+  kind: str             # 'toy' (exact base, residual MLP) or 'mlp' (full fine-tune of an MLP)
+  spec: dict
+
+  def objective(self):
+    return methods.am(self.config)
+
+  def value_and_grad(self, params, key):
+    objective = self.objective()
+
+    def loss_fn(p):
+      return objective(self.ft_apply, p, self.base_apply, self.base_params, self.reward_fn, key, self.x_shape)
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads
+
+  def make_step(self, optimizer=None, network_dtype: Optional[str] = None, chunk_loss: Optional[bool] = None,
+                precision: Optional[str] = None):
+    """Jitted ``step(params, opt_state, base_params, key) -> (params, opt_state, loss)`` (params donated)."""
+    optimizer = optimizer or optax.adam(LEARNING_RATE)
+    config = self.config
+    if network_dtype is not None:
+      config = dataclasses.replace(config, network_dtype=network_dtype)
+    if chunk_loss is not None:
+      config = dataclasses.replace(config, chunk_loss=chunk_loss)
+    objective = methods.am(config)
+
+    def step(params, opt_state, base_params, key):
+      def loss_fn(p):
+        return objective(self.ft_apply, p, self.base_apply, base_params, self.reward_fn, key, self.x_shape)
+
+      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    if precision is None:
+      return jitted
+
+    def with_precision(*args):  # the context applies at trace time
+      with jax.default_matmul_precision(precision):
+        return jitted(*args)
+
+    return with_precision
+
+
+def build_jax(name: str, loss_times: str = "m20", ft_seed: Optional[int] = None, zero_init: bool = True,
+              batch: int = 0, hidden=None, **am_overrides) -> JaxSetup:
+  """The am_jax side of workload ``name`` (``WORKLOADS``) with loss times ``loss_times`` (``LOSS_TIMES``).
+
+  batch, hidden: replace the workload's (0 / None: keep); am_overrides: AMConfig fields (the test's small sizes).
+  ft_seed (mlp): initialise the fine-tuned MLP from this seed instead of copying the base (the check uses a
+  fine-tuned net different from the base).  zero_init (toy): zero-initialised residual output layer (as in
+  ``toy.finetune_mixture``); False gives every layer a non-zero gradient (the check).
+  """
+  spec = dict(WORKLOADS[name])
+  spec.update({k: v for k, v in (("batch", batch), ("hidden", hidden and tuple(hidden))) if v})
+  d = spec["dim"]
+  am_overrides = {**LOSS_TIMES[loss_times], **am_overrides}
+  if spec["kind"] == "toy":
+    config = losses.AMConfig(loss_clip=None, **am_overrides)
+    base = gmm_lib.bimodal_1d()
+    base_apply = toy.mixture_base(base, config.schedule)
+    net_apply, net_params = models.functional(models.MLP(d, hidden=spec["hidden"], zero_init_output=zero_init,
+                                                         rngs=nnx.Rngs(0)))
+    ft_apply = parameterisation.residual_model(base_apply, base, net_apply, config.schedule, "control")
+    return JaxSetup(name, config, (spec["batch"], d), ft_apply, net_params, base_apply, base,
+                    rewards.linear_reward(1.0), "toy", spec)
+  config = losses.AMConfig(**am_overrides)
+  base_apply, base_params = models.functional(models.MLP(d, hidden=spec["hidden"], rngs=nnx.Rngs(0)))
+  if ft_seed is None:
+    params = jax.tree.map(jnp.copy, base_params)
+  else:
+    params = models.functional(models.MLP(d, hidden=spec["hidden"], rngs=nnx.Rngs(ft_seed)))[1]
+  return JaxSetup(name, config, (spec["batch"], d), base_apply, params, base_apply, base_params,
+                  rewards.quadratic_reward(0.5, _reward_b(d)), "mlp", spec)
+
+
+def _reward_b(d):
+  return np.resize(np.asarray([1.0, 0.5], np.float32), d)
+
+
+def jax_draws(setup: JaxSetup, key):
+  """(x0, xi, idx) that the am_jax objective draws from ``key`` (losses.adjoint_matching_objective)."""
+  k_batch, k_loss = jax.random.split(key)
+  k0, kn = jax.random.split(k_batch)
+  x0 = jax.random.normal(k0, setup.x_shape, jnp.float32)
+  noise = sampling.draw_noise(kn, setup.config.num_steps, setup.x_shape)
+  return x0, noise, losses.select_timesteps(k_loss, setup.config)
+
+
+def jax_runner(setup: JaxSetup, **step_kw):
+  """(run, compile_s): ``run()`` advances the donated am_jax step by one step and returns the loss."""
+  optimizer = optax.adam(LEARNING_RATE)
+  step = setup.make_step(optimizer, **step_kw)
+  params = jax.tree.map(jnp.copy, setup.params)
+  base_params = jax.tree.map(jnp.asarray, setup.base_params)
+  keys = list(jax.random.split(jax.random.PRNGKey(1), 64))
+  holder = [params, optimizer.init(params), 0]
+  t0 = time.perf_counter()
+  holder[0], holder[1], loss = step(holder[0], holder[1], base_params, keys[0])
+  jax.block_until_ready(loss)
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    i = holder[2] = holder[2] + 1
+    holder[0], holder[1], loss = step(holder[0], holder[1], base_params, keys[i % len(keys)])
+    return loss
+
+  return run, compile_s
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch side
+
+
+def _torch():
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch
+
+
+def _state_dict_of(params):
+  """nnx MLP params -> {'hidden.i.weight': (out, in), ...} numpy float32 (torch.nn.Linear layout)."""
+  pure = nnx.to_pure_dict(params)
+  out = {}
+  for i in sorted(pure["hidden"]):
+    out[f"hidden.{i}.weight"] = np.asarray(pure["hidden"][i]["kernel"]).T
+    out[f"hidden.{i}.bias"] = np.asarray(pure["hidden"][i]["bias"])
+  out["out.weight"] = np.asarray(pure["out"]["kernel"]).T
+  out["out.bias"] = np.asarray(pure["out"]["bias"])
+  return out
+
+
+def torch_mlp(dim: int, hidden, time_embed_dim: int = 32):
+  """``models.MLP`` in torch: [x, sin, cos of 1000 t f_i] -> (Linear, SiLU) x len(hidden) -> Linear."""
+  torch = _torch()
+  half = time_embed_dim // 2
+  freqs = np.asarray(jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half))
+
+  class MLP(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      widths = [dim + time_embed_dim] + list(hidden)
+      self.hidden = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+      self.out = torch.nn.Linear(widths[-1], dim)
+      self.register_buffer("freqs", torch.from_numpy(freqs.copy()))
+
+    def forward(self, x, t):
+      args = 1000.0 * t[:, None] * self.freqs[None]
+      h = torch.cat([x, torch.sin(args), torch.cos(args)], dim=-1)
+      for layer in self.hidden:
+        h = torch.nn.functional.silu(layer(h))
+      return self.out(h)
+
+  return MLP()
+
+
+def _load(module, params):
+  torch = _torch()
+  module.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in _state_dict_of(params).items()},
+                         strict=False)
+  return module
+
+
+def torch_mixture_velocity(mix: gmm_lib.GaussianMixture):
+  """``gmm.velocity`` of a diagonal-covariance mixture under the linear schedule, in torch (x (B, d), t (B,))."""
+  torch = _torch()
+  covs = np.asarray(mix.covs)
+  if not np.allclose(covs, np.einsum("jd,de->jde", np.einsum("jdd->jd", covs), np.eye(covs.shape[-1]))):
+    raise ValueError("torch_mixture_velocity needs diagonal covariances.")
+  lam = torch.from_numpy(np.einsum("jdd->jd", covs).astype(np.float32).copy())  # (J, d)
+  means = torch.from_numpy(np.asarray(mix.means, np.float32).copy())
+  logw = torch.log(torch.from_numpy(np.asarray(mix.weights, np.float32).copy()))
+
+  def velocity(x, t):
+    a = t[:, None, None]
+    b = 1.0 - a
+    resid = x[:, None, :] - a * means[None]
+    var = a * a * lam[None] + b * b
+    z = resid / var
+    logp = logw[None] - 0.5 * torch.sum(resid * z, -1) - 0.5 * torch.sum(torch.log(var), -1)
+    post = torch.softmax(logp, dim=-1)
+    e_x1 = means[None] + a * (lam[None] * z)
+    e_x0 = b * z
+    return torch.einsum("bj,bjd->bd", post, e_x1 - e_x0)  # alphadot = 1, betadot = -1
+
+  return velocity
+
+
+class TorchAM:
+  """The AM step of ``setup`` in PyTorch eager (same weights, coefficients, loss and optimizer)."""
+
+  def __init__(self, setup: JaxSetup, seed: int = 0):
+    torch = self.torch = _torch()
+    self.setup = setup
+    cfg = setup.config
+    if not isinstance(cfg.schedule, schedules.LinearSchedule) or cfg.integrator != "euler" or cfg.loss_clip:
+      raise ValueError("TorchAM mirrors the linear schedule, the Euler step and no loss clip only.")
+    co = cfg.coefficients()
+    f = lambda a: [float(v) for v in np.asarray(a)]  # noqa: E731
+    self.tau, self.dt, self.sigma, self.c, self.kappa = f(co.tau), f(co.dt), f(co.sigma), f(co.drift_scale), f(co.kappa)
+    self.sqrt_dt = [math.sqrt(h) for h in self.dt]
+    self.loss_sigma = torch.from_numpy(np.asarray(co.loss_sigma, np.float32).copy())
+    self.loss_one_plus_c = torch.from_numpy(np.asarray(1.0 + co.loss_drift_scale, np.float32).copy())
+    self.tau_t = torch.from_numpy(np.asarray(co.tau, np.float32).copy())
+    self.lam = float(cfg.reward_multiplier)
+    self.k_steps = cfg.num_steps
+    b, d = setup.x_shape
+    self.b, self.d = b, d
+    spec = setup.spec
+    if setup.kind == "toy":
+      base_v = torch_mixture_velocity(setup.base_params)
+      self.net = _load(torch_mlp(d, spec["hidden"]), setup.params)
+
+      def ft(x, t, v_base=None):
+        v_base = base_v(x, t) if v_base is None else v_base
+        return v_base + 0.5 * torch.sqrt(2.0 * ((1.0 - t) / t))[:, None] * self.net(x, t)
+
+      self.base, self.ft = base_v, ft
+      c_vec = torch.ones(d)
+      self.reward = lambda x: torch.sum(x * c_vec, -1)
+    else:
+      self.base_net = _load(torch_mlp(d, spec["hidden"]), setup.base_params).requires_grad_(False)
+      self.net = _load(torch_mlp(d, spec["hidden"]), setup.params)
+      self.base = self.base_net
+      self.ft = lambda x, t, v_base=None: self.net(x, t)
+      bvec = torch.from_numpy(_reward_b(d))
+      self.reward = lambda x: -0.5 * torch.sum(x * (0.5 * x), -1) + torch.sum(x * bvec, -1)
+    self.opt = torch.optim.Adam(self.net.parameters(), lr=LEARNING_RATE)
+    self.gen = torch.Generator().manual_seed(seed)
+    n_last = min(cfg.num_last_timesteps, self.k_steps)
+    self.pool = min(int(cfg.random_timestep_fraction * self.k_steps), self.k_steps - n_last)
+    self.n_rand = min(cfg.num_random_timesteps, self.pool)
+    self.last = list(range(self.k_steps - n_last, self.k_steps))
+
+  def draws(self):
+    """(x0, xi, idx) drawn with torch's generator (the timed step)."""
+    torch = self.torch
+    x0 = torch.randn(self.b, self.d, generator=self.gen)
+    xi = torch.randn(self.k_steps, self.b, self.d, generator=self.gen)
+    rand = sorted(torch.randperm(self.pool, generator=self.gen)[:self.n_rand].tolist())
+    return x0, xi, torch.tensor(rand + self.last)
+
+  def loss(self, x0, xi, idx):
+    """The AM loss (a graph to the fine-tuned parameters): rollout, lean adjoint, loss at the steps ``idx``."""
+    torch = self.torch
+    b, k_steps = self.b, self.k_steps
+    with torch.no_grad():  # 1. memoryless rollout of the fine-tuned model
+      x, traj = x0, [x0]
+      for k in range(k_steps):
+        t = torch.full((b,), self.tau[k])
+        v = self.ft(x, t)
+        x = x + self.dt[k] * (v + self.c[k] * (v - self.kappa[k] * x)) + self.sigma[k] * (xi[k] * self.sqrt_dt[k])
+        traj.append(x)
+    x1 = traj[-1].detach().requires_grad_(True)  # 2. terminal and lean adjoint
+    (g,) = torch.autograd.grad(self.reward(x1).sum(), x1)
+    a = -self.lam * g
+    adj = [None] * (k_steps + 1)
+    adj[k_steps] = a
+    for k in range(k_steps - 1, -1, -1):
+      xk = traj[k].detach().requires_grad_(True)
+      v = self.base(xk, torch.full((b,), self.tau[k]))
+      drift = v + self.c[k] * (v - self.kappa[k] * xk)
+      (vjp,) = torch.autograd.grad(drift, xk, a)
+      a = a + self.dt[k] * vjp
+      adj[k] = a
+    # 3. loss at the M B points of the selected steps, one batched call of each network
+    idx_l = idx.tolist()
+    xs = torch.cat([traj[k] for k in idx_l])
+    a_sel = torch.cat([adj[k + 1] for k in idx_l])
+    t = torch.repeat_interleave(self.tau_t[idx], b)
+    sig = torch.repeat_interleave(self.loss_sigma[idx], b)[:, None]
+    opc = torch.repeat_interleave(self.loss_one_plus_c[idx], b)[:, None]
+    with torch.no_grad():
+      v_base = self.base(xs, t)
+    u = opc / sig * (self.ft(xs, t, v_base) - v_base)
+    target = -sig * a_sel
+    return torch.mean(torch.sum((u - target) ** 2, -1))
+
+  def step(self, draws=None):
+    """One training step (4. gradient + Adam); returns the loss as a float."""
+    loss = self.loss(*(draws or self.draws()))
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self.opt.step()
+    return loss.detach().item()
+
+  def grads(self):
+    """{parameter name: numpy gradient} of the fine-tuned net after ``backward`` (torch layout)."""
+    return {name: p.grad.detach().numpy().copy() for name, p in self.net.named_parameters()}
+
+
+def check_against_jax(name: str, loss_times: str = "m20", key=None, **build_kw) -> dict:
+  """Loss and gradients of am_jax and of the torch reference from the same weights and draws.
+
+  Returns {'loss': (jax, torch), 'grads': {param: (jax, torch)}, 'params_after': {param: (jax, torch)}} (numpy, in
+  torch's layout and names: 'hidden.0.weight' (out, in), ...); ``params_after``: one Adam step from those gradients.
+  ``build_kw``: ``build_jax`` keywords (smaller sizes).
+  """
+  setup = build_jax(name, loss_times, ft_seed=1, zero_init=False, **build_kw)
+  key = jax.random.PRNGKey(7) if key is None else key
+  torch = _torch()
+  opt = optax.adam(LEARNING_RATE)
+
+  @jax.jit
+  def jax_side(params, key):  # one compilation: the draws, the loss and gradient, one Adam step
+    loss, grads = setup.value_and_grad(params, key)
+    new = optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
+    return jax_draws(setup, key), loss, grads, new
+
+  (x0, xi, idx), loss_j, grads_j, new_j = jax_side(setup.params, key)
+  x0, xi, idx = (np.array(a) for a in (x0, xi, idx))  # writable copies for torch.from_numpy
+  ref = TorchAM(setup)
+  loss_t = ref.loss(torch.from_numpy(x0), torch.from_numpy(xi), torch.from_numpy(idx.astype(np.int64)))
+  ref.opt.zero_grad(set_to_none=True)
+  loss_t.backward()
+  grads_t = ref.grads()
+  ref.opt.step()
+  sd_j = _state_dict_of(grads_j)
+  sd_new_j = _state_dict_of(new_j)
+  after_t = {n: p.detach().numpy().copy() for n, p in ref.net.named_parameters()}
+  return {"loss": (float(loss_j), loss_t.detach().item()),
+          "grads": {n: (sd_j[n], grads_t[n]) for n in sd_j},
+          "params_after": {n: (sd_new_j[n], after_t[n]) for n in sd_j}}
+
+
+def torch_runner(ref: TorchAM, threads: int):
+  torch = ref.torch
+
+  def run():
+    if torch.get_num_threads() != threads:
+      torch.set_num_threads(threads)
+    return ref.step()
+
+  return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def interleaved(runs: dict, rounds: int = 5, iters: int = 2, warm: int = 1) -> dict:
+  """``common.interleaved`` that also records process CPU seconds (all threads) per call.
+
+  Wall time is what a user waits; CPU time is the work done, robust to other jobs on the cores (a process
+  that is descheduled accumulates no CPU time), but it counts spin-waiting threads (OpenMP) as work.
+  """
+  per = {name: {"wall": [], "cpu": []} for name in runs}
+  for r in range(rounds):
+    for name, run in runs.items():
+      for _ in range(warm if r == 0 else 0):
+        run()
+      wall, cpu = [], []
+      for _ in range(iters):
+        w0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(run())
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+      per[name]["wall"].append(statistics.median(wall))
+      per[name]["cpu"].append(statistics.median(cpu))
+  return {name: {"median_s": statistics.median(v["wall"]), "round_medians_s": v["wall"],
+                 "cpu_median_s": statistics.median(v["cpu"]), "cpu_round_medians_s": v["cpu"], "rounds": rounds,
+                 "iters": iters} for name, v in per.items()}
+
+
+def _ratios(times, num, den, key="round_medians_s"):
+  """Per-round ratios num / den of the interleaved round medians (wall, or CPU with key='cpu_round_medians_s')."""
+  return [a / b for a, b in zip(times[num][key], times[den][key])]
+
+
+def _summary(r):
+  return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
+
+
+def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5) -> dict:
+  torch = _torch()
+  out = {"machine": common.machine_info(), "torch": torch.__version__, "threads": list(threads), "rounds": rounds,
+         "iters": iters, "load_average": _load_average(), "rows": []}
+  for name in workloads:
+    for lt in loss_times:
+      setup = build_jax(name, lt)
+      runs = {}
+      runs["am_jax"], compile_s = jax_runner(setup)
+      for n in threads:
+        ref = TorchAM(setup)
+        torch.set_num_threads(n)
+        ref.step()  # warm-up (allocator, thread pool)
+        runs[f"torch_{n}t"] = torch_runner(ref, n)
+      times = interleaved(runs, rounds, iters)
+      row = {"workload": name, "loss_times": lt, "num_loss_steps": int(losses.select_timesteps(
+          jax.random.PRNGKey(0), setup.config).shape[0]), "batch": setup.x_shape[0], "dim": setup.x_shape[1],
+             "num_steps": setup.config.num_steps, "compile_s": compile_s,
+             "step_s": {k: v["median_s"] for k, v in times.items()},
+             "cpu_s": {k: v["cpu_median_s"] for k, v in times.items()}, "times": times}
+      for n in threads:
+        row[f"jax_over_torch_{n}t"] = _summary(_ratios(times, "am_jax", f"torch_{n}t"))
+        row[f"cpu_jax_over_torch_{n}t"] = _summary(_ratios(times, "am_jax", f"torch_{n}t", "cpu_round_medians_s"))
+      best = [min(times[f"torch_{n}t"]["round_medians_s"][r] for n in threads) for r in range(rounds)]
+      row["jax_over_best_torch"] = _summary([a / b for a, b in zip(times["am_jax"]["round_medians_s"], best)])
+      out["rows"].append(row)
+      print(_line(row, threads), flush=True)
+  return out
+
+
+def _line(row, threads):
+  s = row["step_s"]
+  parts = [f"{row['workload']:8s} {row['loss_times']}  am_jax {1e3 * s['am_jax']:8.2f} ms"]
+  for n in threads:
+    r, c = row[f"jax_over_torch_{n}t"], row[f"cpu_jax_over_torch_{n}t"]
+    parts.append(f"torch {n}t {1e3 * s[f'torch_{n}t']:8.2f} ms  am_jax/torch wall {r['median']:.3f} "
+                 f"({r['min']:.3f}-{r['max']:.3f}) cpu {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f})")
+  return "  |  ".join(parts)
+
+
+def reference_markdown(out) -> str:
+  threads = out["threads"]
+  m = out["machine"]
+  lines = ["# am_jax vs PyTorch eager, one AM step (CPU)", "",
+           f"`python -m benchmarks.torch_reference`; {m['date']}, {m['machine']}, jax {m['jax']}, "
+           f"torch {out['torch']}; "
+           f"{out['rounds']} interleaved rounds x {out['iters']} calls, compile and warm-up excluded.  Per round: "
+           "am_jax / torch of the round medians, wall clock and process CPU time (all threads); the table gives the "
+           "median (min-max) over the rounds; < 1: am_jax faster.  The machine was shared with other jobs "
+           f"(load average {out.get('load_average', '?')} at the start): absolute times are inflated.", "",
+           "| workload | M | am_jax ms (wall / cpu) | "
+           + " | ".join(f"torch {n} thr ms (wall / cpu) | am_jax / torch {n} thr, wall | cpu" for n in threads) + " |",
+           "|---|---|---|" + "---|---|---|" * len(threads)]
+  for row in out["rows"]:
+    s, c = row["step_s"], row["cpu_s"]
+    cells = [row["workload"], str(row["num_loss_steps"]), f"{1e3 * s['am_jax']:.1f} / {1e3 * c['am_jax']:.1f}"]
+    for n in threads:
+      r, rc = row[f"jax_over_torch_{n}t"], row[f"cpu_jax_over_torch_{n}t"]
+      cells += [f"{1e3 * s[f'torch_{n}t']:.1f} / {1e3 * c[f'torch_{n}t']:.1f}",
+                f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})",
+                f"{rc['median']:.3f} ({rc['min']:.3f}-{rc['max']:.3f})"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA:CPU options on the matmul-bound workloads (issue 17 item 2)
+
+# (--xla_cpu_use_thunk_runtime=false is "no longer supported" in jax 0.10.2: XLA ignores it with a warning.)
+XLA_FLAG_VARIANTS = {
+    "default": "",
+    "single_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
+    "xnnpack": "--xla_cpu_use_xnnpack=true",
+    "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "onednn": "--xla_cpu_experimental_onednn_custom_call=true",
+    "fast_math": "--xla_cpu_enable_fast_math=true",
+}
+IN_PROCESS_VARIANTS = {
+    "default": {},
+    "precision_highest": dict(precision="highest"),
+    "precision_bf16": dict(precision="bfloat16"),
+    "network_bf16": dict(network_dtype="bfloat16"),
+    "loss_per_time": dict(chunk_loss=True),  # the M loss times one at a time instead of one (M B)-row matmul
+}
+
+
+def run_xla_worker(workloads, loss_times, variants, torch_threads, rounds, iters) -> dict:
+  """In one process (its XLA_FLAGS fixed): am_jax variants and torch, interleaved; ratios to torch per round."""
+  torch = _torch()
+  torch.set_num_threads(torch_threads)
+  res = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": []}
+  for name in workloads:
+    setup = build_jax(name, loss_times)
+    runs, compile_s = {}, {}
+    for v in variants:
+      runs[v], compile_s[v] = jax_runner(setup, **IN_PROCESS_VARIANTS[v])
+    ref = TorchAM(setup)
+    ref.step()
+    runs["torch"] = torch_runner(ref, torch_threads)
+    times = interleaved(runs, rounds, iters)
+    row = {"workload": name, "loss_times": loss_times, "compile_s": compile_s,
+           "step_s": {k: v["median_s"] for k, v in times.items()},
+           "cpu_s": {k: v["cpu_median_s"] for k, v in times.items()}, "times": times,
+           "over_torch": {v: _summary(_ratios(times, v, "torch")) for v in variants},
+           "cpu_over_torch": {v: _summary(_ratios(times, v, "torch", "cpu_round_medians_s")) for v in variants},
+           "over_default": {v: _summary(_ratios(times, v, "default")) for v in variants if "default" in runs}}
+    res["rows"].append(row)
+  return res
+
+
+def run_xla_study(workloads, loss_times, flag_variants, torch_threads=1, rounds=3, iters=2, passes=2,
+                  on_pass=None) -> dict:
+  """Every XLA_FLAGS variant in its own subprocess (``passes`` alternating passes); in-process variants in the
+  default-flags process.  Each process times its am_jax variants against the same torch step, interleaved, so
+  am_jax / torch ratios compare across processes (the machine's load cancels)."""
+  out = {"machine": common.machine_info(), "torch": _torch().__version__, "torch_threads": torch_threads,
+         "loss_times": loss_times, "rounds": rounds, "iters": iters, "load_average": _load_average(), "passes": []}
+  for p in range(passes):
+    results = {}
+    for fv in flag_variants:
+      variants = list(IN_PROCESS_VARIANTS) if fv == "default" else ["default"]
+      env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAG_VARIANTS[fv]).strip())
+      cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--mode=xla_worker",
+             f"--workloads={','.join(workloads)}", f"--loss_times={loss_times}", f"--variants={','.join(variants)}",
+             f"--torch_threads={torch_threads}", f"--rounds={rounds}", f"--iters={iters}"]
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.getcwd())
+      if proc.returncode:
+        err = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else [f"exit {proc.returncode}"]
+        results[fv] = {"error": err}
+        print(f"pass {p} {fv}: FAILED {results[fv]['error']}", flush=True)
+        continue
+      res = json.loads(proc.stdout.strip().splitlines()[-1])
+      results[fv] = res
+      for row in res["rows"]:
+        print(f"pass {p} {fv:20s} {row['workload']:8s} " + "  ".join(
+            f"{v} {1e3 * row['step_s'][v]:.1f} ms (x{row['over_torch'][v]['median']:.3f} torch, cpu "
+            f"x{row['cpu_over_torch'][v]['median']:.3f})"
+            for v in row["over_torch"]) + f"  torch {1e3 * row['step_s']['torch']:.1f} ms", flush=True)
+    out["passes"].append(results)
+    if on_pass is not None:  # write what is there after every pass
+      on_pass(out)
+  return out
+
+
+def xla_markdown(out) -> str:
+  lines = ["# XLA:CPU options on the matmul-bound AM step (3x256 MLP), against torch eager", "",
+           f"`python -m benchmarks.torch_reference --mode=xla`; {out['machine']['date']}, {out['machine']['machine']}, "
+           f"jax {out['machine']['jax']}, torch {out['torch']} ({out['torch_threads']} threads), M = "
+           f"{out['loss_times'][1:]} loss times.  Each XLA_FLAGS setting runs in its own process, interleaved there "
+           "with the same torch step; the table gives am_jax / torch, wall (cpu), median of the rounds, one column per "
+           "pass (< 1: am_jax faster), and the CPU-time ratio to the default in the same process (one per pass).  "
+           f"Shared machine (load average {out.get('load_average', '?')} at the start).", ""]
+  passes = out["passes"]
+  keys = []
+  for res in passes:
+    for fv, r in res.items():
+      for row in r.get("rows", []):
+        for v in row["over_torch"]:
+          k = (row["workload"], fv, v)
+          if k not in keys:
+            keys.append(k)
+  lines.append("| workload | XLA_FLAGS | variant | "
+               + " | ".join(f"am_jax / torch, pass {i}" for i in range(len(passes)))
+               + " | cpu / default, same process |")
+  lines.append("|---|---|---|" + "---|" * len(passes) + "---|")
+  for wl, fv, v in keys:
+    cells = [wl, f"`{XLA_FLAG_VARIANTS[fv]}`" if XLA_FLAG_VARIANTS[fv] else "(none)", v]
+    rel = []
+    for res in passes:
+      row = next((r for r in res.get(fv, {}).get("rows", []) if r["workload"] == wl), None)
+      if row is None:
+        cells.append("failed")
+        continue
+      cells.append(f"{row['over_torch'][v]['median']:.3f} ({row['cpu_over_torch'][v]['median']:.3f})")
+      if v != "default" and "default" in row["times"]:
+        rel.append(statistics.median(_ratios(row["times"], v, "default", "cpu_round_medians_s")))
+    cells.append(" / ".join(f"{x:.3f}" for x in rel) if rel else "-")
+    lines.append("| " + " | ".join(cells) + " |")
+  for res in passes:
+    for fv, r in res.items():
+      if "error" in r:
+        lines.append(f"\n`{XLA_FLAG_VARIANTS[fv]}` failed: {' '.join(r['error'])}")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_average():
+  try:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+  except OSError:
+    return "?"
+
+
+def _write(prefix, out, md):
+  common.write_json(prefix + ".json", out)
+  with open(prefix + ".md", "w") as f:
+    f.write(md)
+  print(f"wrote {prefix}.md")
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  workloads = [w for w in f.workloads if w]
+  if f.mode == "reference":
+    out = run_reference(workloads, f.loss_times.split(","), tuple(int(n) for n in f.threads), f.rounds, f.iters)
+    print(reference_markdown(out))
+    _write(os.path.join(f.out_dir, "torch_reference_cpu"), out, reference_markdown(out))
+  elif f.mode == "xla":
+    wl = [w for w in workloads if WORKLOADS[w]["kind"] == "mlp"]
+    prefix = os.path.join(f.out_dir, "torch_reference_xla_cpu")
+    out = run_xla_study(wl, f.loss_times.split(",")[0], list(f.flag_variants), f.torch_threads, f.rounds, f.iters,
+                        f.passes, on_pass=lambda o: _write(prefix, o, xla_markdown(o)))
+    print(xla_markdown(out))
+  elif f.mode == "xla_worker":
+    res = run_xla_worker(workloads, f.loss_times.split(",")[0], list(f.variants), f.torch_threads, f.rounds, f.iters)
+    print(json.dumps(res, default=float))
+  else:
+    raise ValueError(f"--mode must be reference, xla or xla_worker, got {f.mode!r}.")
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum("mode", "reference", ["reference", "xla", "xla_worker"], "What to run.")
+  flags.DEFINE_list("workloads", list(WORKLOADS), f"Workloads among {list(WORKLOADS)}.")
+  flags.DEFINE_string("loss_times", "m20,m40", f"Loss-time settings among {list(LOSS_TIMES)} (xla: the first).")
+  flags.DEFINE_list("threads", ["1", "2"], "torch.set_num_threads settings to time.")
+  flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
+  flags.DEFINE_integer("iters", 2, "Timed calls per function and round.")
+  flags.DEFINE_string("out_dir", "benchmarks/results", "Where the .json / .md go.")
+  flags.DEFINE_list("flag_variants", list(XLA_FLAG_VARIANTS),
+                    f"--mode=xla: XLA_FLAGS variants {list(XLA_FLAG_VARIANTS)}.")
+  flags.DEFINE_list("variants", ["default"], f"--mode=xla_worker: in-process variants {list(IN_PROCESS_VARIANTS)}.")
+  flags.DEFINE_integer("torch_threads", 1, "--mode=xla: torch threads of the yardstick.")
+  flags.DEFINE_integer("passes", 2, "--mode=xla: alternating passes over the XLA_FLAGS variants.")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)
