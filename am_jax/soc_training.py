@@ -14,25 +14,34 @@ has the four benchmarks); ``run(config)`` trains every method and returns the re
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from am_jax import models, soc
 
-__all__ = ["CONFIG_FIELDS", "LR_SCHEDULES", "validate_config", "make_optimizer", "init_control", "make_train_step",
-           "make_evaluator", "train_method", "reference_values", "summarise", "run"]
+__all__ = ["CONFIG_FIELDS", "LR_SCHEDULES", "CONTROL_NETS", "TIME_FEATURES", "validate_config", "make_optimizer",
+           "GradGControl", "time_input", "init_control", "method_objective", "control_from_config",
+           "problem_from_config", "make_train_step", "make_evaluator", "train_method", "reference_values",
+           "summarise", "aggregate", "run"]
 
 LR_SCHEDULES = ("cosine", "constant")
 
 # Every field a run reads (configs/soc.py documents them).
 CONFIG_FIELDS = ("problem", "methods", "num_iterations", "batch_size", "learning_rate", "lr_schedule",
                  "lr_final_fraction", "grad_clip", "hidden", "time_scale", "seed", "eval_seed", "eval_every",
-                 "eval_batch_size", "l2_target", "time_budget_s")
+                 "eval_batch_size", "l2_target", "time_budget_s", "num_steps", "control_net", "time_feature",
+                 "td_lambda", "num_seeds")
+
+CONTROL_NETS = ("mlp", "grad_g")
+TIME_FEATURES = ("linear", "log_time_to_go")
 
 
 def validate_config(config) -> None:
@@ -64,6 +73,16 @@ def validate_config(config) -> None:
     raise ValueError("config.grad_clip and config.time_budget_s must be >= 0 (0 disables them).")
   if not config.hidden or any(int(w) != w or w < 1 for w in config.hidden):
     raise ValueError(f"config.hidden = {config.hidden!r}: expected a tuple of positive layer widths.")
+  if config.control_net not in CONTROL_NETS:
+    raise ValueError(f"config.control_net = {config.control_net!r}: expected one of {CONTROL_NETS}.")
+  if config.time_feature not in TIME_FEATURES:
+    raise ValueError(f"config.time_feature = {config.time_feature!r}: expected one of {TIME_FEATURES}.")
+  if not 0.0 <= config.td_lambda <= 1.0:
+    raise ValueError(f"config.td_lambda = {config.td_lambda!r}: must be in [0, 1] (1 = plain AM).")
+  if int(config.num_steps) != config.num_steps or config.num_steps < 0:
+    raise ValueError(f"config.num_steps = {config.num_steps!r}: must be an integer >= 0 (0: the problem's K).")
+  if int(config.num_seeds) != config.num_seeds or config.num_seeds < 1:
+    raise ValueError(f"config.num_seeds = {config.num_seeds!r}: must be a positive integer.")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -79,20 +98,99 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*chain, optax.adam(lr))
 
 
-def init_control(problem: soc.SOCProblem, hidden, seed: int, time_scale: float = 1.0):
+class GradGControl(nnx.Module):
+  """Control net with the terminal control as input and gate (``control_net = 'grad_g'``).
+
+      q = sigma(t)^T grad g(x)   (u*(T, x) = -q),   z = MLP(x, q, emb(s)),   u = head_1(z) - head_2(z) * q,
+
+  head_1, head_2: (B, d) halves of one zero-initialised output layer (so u = 0 at initialisation), s the time
+  input (``init_control``), emb the sinusoidal embedding of ``models.MLP``.  Only problem data (g, sigma) is
+  used, never u*: the gate lets the net represent controls of the form -gamma(t, x) * sigma^T grad g(x),
+  exact for the quadratic problems (u* = -2 F(t) x, grad g = 2 Q x) and close to the double-well control near
+  T, where it is large and changes on the scale of a few steps (docs/soc.md).
+  """
+
+  def __init__(self, dim: int, hidden, time_embed_dim: int = 32, *, rngs: nnx.Rngs):
+    self.dim, self.time_embed_dim = dim, time_embed_dim
+    layers, in_dim = [], 2 * dim + time_embed_dim
+    for width in hidden:
+      layers.append(nnx.Linear(in_dim, width, rngs=rngs))
+      in_dim = width
+    self.hidden = nnx.List(layers) if hasattr(nnx, "List") else layers
+    zeros = nnx.initializers.zeros_init()
+    self.out = nnx.Linear(in_dim, 2 * dim, kernel_init=zeros, bias_init=zeros, rngs=rngs)
+
+  def __call__(self, x, q, s):
+    h = jnp.concatenate([x, q, models.sinusoidal_embedding(s, self.time_embed_dim).astype(x.dtype)], axis=-1)
+    for layer in self.hidden:
+      h = nnx.silu(layer(h))
+    out = self.out(h)
+    return out[:, :self.dim] - out[:, self.dim:] * q
+
+
+def time_input(problem: soc.SOCProblem, time_feature: str, time_scale: float):
+  """s(t) (B,) -> (B,), the time the net sees: ``time_scale * t`` ('linear') or, for 'log_time_to_go',
+
+      s(t) = time_scale * log((T - t + h) / (T + h)) / log(h / (T + h))   (0 at t = 0, time_scale at t = T),
+
+  which spreads the last steps (where the double-well control lives) over most of the feature range.
+  """
+  if time_feature == "linear":
+    return lambda t: time_scale * t
+  if time_feature == "log_time_to_go":
+    T, h = problem.T, problem.dt
+    return lambda t: time_scale * jnp.log((T - t + h) / (T + h)) / math.log(h / (T + h))
+  raise ValueError(f"config.time_feature = {time_feature!r}: expected one of {TIME_FEATURES}.")
+
+
+def init_control(problem: soc.SOCProblem, hidden, seed: int, time_scale: float = 1.0, *, control_net: str = "mlp",
+                 time_feature: str = "linear"):
   """The control net ``apply_fn(params, x (B, d), t (B,)) -> (B, d)`` and its initial params (u = 0).
 
   ``models.MLP`` embeds t with sinusoids of 1000 t (DDPM step-index scale); time_scale < 1 makes the time
   features smooth over [0, T] (right for the OU problems), 1 keeps the sharp ones (double well: u* varies on
-  the scale of one step just before T).
+  the scale of one step just before T).  ``control_net``: 'mlp' (``models.MLP`` on (x, s(t))) or 'grad_g'
+  (``GradGControl``); ``time_feature``: s(t) of ``time_input``.
   """
-  net = models.MLP(problem.dim, hidden=tuple(hidden), zero_init_output=True, rngs=nnx.Rngs(seed))
-  net_apply, params = models.functional(net)
+  s_of_t = time_input(problem, time_feature, time_scale)
+  if control_net == "mlp":
+    net = models.MLP(problem.dim, hidden=tuple(hidden), zero_init_output=True, rngs=nnx.Rngs(seed))
+    net_apply, params = models.functional(net)
 
-  def apply_fn(p, x, t):
-    return net_apply(p, x, time_scale * t)
+    def apply_fn(p, x, t):
+      return net_apply(p, x, s_of_t(t))
 
-  return apply_fn, params
+    return apply_fn, params
+  if control_net == "grad_g":
+    net_apply, params = models.functional(GradGControl(problem.dim, tuple(hidden), rngs=nnx.Rngs(seed)))
+    q_fn = soc.terminal_control(problem)
+
+    def apply_fn(p, x, t):
+      # Row by row: sigma may depend on t, and am_loss passes all (k, b) pairs of the grid in one call.
+      q = jax.vmap(lambda xi, ti: q_fn(xi[None], ti)[0])(x, t)
+      return net_apply(p, x, q, s_of_t(t))
+
+    return apply_fn, params
+  raise ValueError(f"config.control_net = {control_net!r}: expected one of {CONTROL_NETS}.")
+
+
+def method_objective(method: str, config) -> Callable:
+  """``soc.METHODS[method]`` with the config's method options (``td_lambda`` for 'am')."""
+  objective = soc.get_method(method)
+  if method == "am" and config.td_lambda != 1.0:
+    return functools.partial(objective, td_lambda=float(config.td_lambda))
+  return objective
+
+
+def control_from_config(problem: soc.SOCProblem, config, seed: Optional[int] = None):
+  """``init_control`` with the config's net (hidden, time_scale, control_net, time_feature) and seed."""
+  return init_control(problem, config.hidden, config.seed if seed is None else seed, config.time_scale,
+                      control_net=config.control_net, time_feature=config.time_feature)
+
+
+def problem_from_config(config) -> soc.SOCProblem:
+  """The benchmark ``config.problem`` with K = ``config.num_steps`` (0: the problem's default K)."""
+  return soc.get_problem(config.problem, **({"num_steps": int(config.num_steps)} if config.num_steps else {}))
 
 
 def make_train_step(objective: Callable, problem: soc.SOCProblem, apply_fn: Callable,
@@ -116,7 +214,8 @@ def make_evaluator(problem: soc.SOCProblem, apply_fn: Callable, eval_seed: int, 
 
 
 def train_method(method: str, problem: soc.SOCProblem, config, on_record: Optional[Callable] = None, *,
-                 control=None, evaluate: Optional[Callable] = None) -> list:
+                 control=None, evaluate: Optional[Callable] = None, seed: Optional[int] = None,
+                 step: Optional[Callable] = None) -> list:
   """Trains the control with one method; returns its evaluation records (one dict per evaluation).
 
   A record holds method, iteration, train_seconds (excluding compilation and evaluation), the last training
@@ -125,20 +224,23 @@ def train_method(method: str, problem: soc.SOCProblem, config, on_record: Option
   Training stops after ``num_iterations`` or, if ``time_budget_s`` > 0, at the first evaluation past it.
   ``control`` = (apply_fn, initial params) and ``evaluate`` (``make_evaluator`` of that apply_fn) default to
   new ones from the config; ``run`` passes the same to every method, so the evaluation compiles once.
+  ``seed`` (default ``config.seed``) draws the training noise (key seed + 1) and is stored in the records;
+  ``step`` (``make_train_step`` of this method, config and apply_fn) lets ``run`` reuse one compilation
+  across seeds.
   """
-  objective = soc.get_method(method)
-  apply_fn, params = control or init_control(problem, config.hidden, config.seed, config.time_scale)
+  seed = config.seed if seed is None else int(seed)
+  apply_fn, params = control or control_from_config(problem, config, seed)
   evaluate = evaluate or make_evaluator(problem, apply_fn, config.eval_seed, config.eval_batch_size)
   optimizer = make_optimizer(config)
   opt_state = optimizer.init(params)
-  step = make_train_step(objective, problem, apply_fn, optimizer, config.batch_size)
-  records, key = [], jax.random.PRNGKey(config.seed + 1)
+  step = step or make_train_step(method_objective(method, config), problem, apply_fn, optimizer, config.batch_size)
+  records, key = [], jax.random.PRNGKey(seed + 1)
   train_seconds, compile_seconds, loss = 0.0, 0.0, math.nan
   budget = config.time_budget_s or math.inf
 
   def log_eval(it):
     stats = {k: float(v) for k, v in evaluate(params).items()}
-    rec = dict(method=method, iteration=it, train_seconds=train_seconds, loss=float(loss), **stats)
+    rec = dict(method=method, seed=seed, iteration=it, train_seconds=train_seconds, loss=float(loss), **stats)
     records.append(rec)
     if on_record is not None:
       on_record(rec)
@@ -192,8 +294,30 @@ def summarise(records: list, target: float) -> dict:
   }
 
 
+def aggregate(records: list) -> list:
+  """Per (method, iteration): the L2 error and objective across seeds (mean, std with ddof 1 (0 for one seed),
+  min, max) and the mean training seconds; rows sorted by method order of appearance, then iteration."""
+  groups = {}
+  for r in records:
+    groups.setdefault((r["method"], r["iteration"]), []).append(r)
+  order = list(dict.fromkeys(r["method"] for r in records))
+  rows = []
+  for (method, it), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+    l2 = np.array([r["l2_error"] for r in rs])
+    obj = np.array([r["objective"] for r in rs])
+    rows.append({"method": method, "iteration": it, "num_seeds": len(rs),
+                 "l2_mean": float(l2.mean()), "l2_std": float(l2.std(ddof=1)) if len(rs) > 1 else 0.0,
+                 "l2_min": float(l2.min()), "l2_max": float(l2.max()),
+                 "objective_mean": float(obj.mean()),
+                 "objective_std": float(obj.std(ddof=1)) if len(rs) > 1 else 0.0,
+                 "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs]))})
+  return rows
+
+
 def run(config, on_record: Optional[Callable] = None, on_problem: Optional[Callable] = None):
-  """Builds the problem, evaluates u* and u = 0, trains every method of ``config.methods``.
+  """Builds the problem, evaluates u* and u = 0, trains every method of ``config.methods`` for each of the
+  ``num_seeds`` seeds ``seed, seed + 1, ...`` (network init and training noise; the evaluation paths are the
+  same for every seed and method).
 
   Args:
     config: the run's ConfigDict (``validate_config`` is called first).
@@ -201,23 +325,39 @@ def run(config, on_record: Optional[Callable] = None, on_problem: Optional[Calla
     on_problem: called as ``on_problem(problem, setup_seconds, reference)`` before training (for a log line).
 
   Returns:
-    ``(summary, records_by_method)``: summary has problem, config, setup_seconds (problem and reference
-    solve), reference (``reference_values``), methods ({method: ``summarise``}), devices, total_seconds.
+    ``(summary, records_by_method)``: summary has problem, num_steps, config, setup_seconds (problem and
+    reference solve), reference (``reference_values``), methods ({method: ``summarise`` of the first seed,
+    plus 'seeds': {seed: ``summarise``} and final_l2_mean / _std / _min / _max, seconds_per_iteration_mean
+    across seeds}), devices, total_seconds; records_by_method[method] holds the records of every seed.
   """
   validate_config(config)
   t0 = time.perf_counter()
-  problem = soc.get_problem(config.problem)
+  problem = problem_from_config(config)
   setup_seconds = time.perf_counter() - t0
   reference = reference_values(problem, config.eval_seed, config.eval_batch_size)
   if on_problem is not None:
     on_problem(problem, setup_seconds, reference)
-  control = init_control(problem, config.hidden, config.seed, config.time_scale)
-  evaluate = make_evaluator(problem, control[0], config.eval_seed, config.eval_batch_size)
+  seeds = [config.seed + i for i in range(config.num_seeds)]
+  apply_fn = control_from_config(problem, config)[0]  # same function for every seed: one compilation
+  evaluate = make_evaluator(problem, apply_fn, config.eval_seed, config.eval_batch_size)
+  optimizer = make_optimizer(config)
   records_by_method, methods = {}, {}
   for method in config.methods:
-    records_by_method[method] = train_method(method, problem, config, on_record, control=control, evaluate=evaluate)
-    methods[method] = summarise(records_by_method[method], config.l2_target)
-  summary = {"problem": problem.name, "config": config.to_dict(), "setup_seconds": setup_seconds,
-             "reference": reference, "methods": methods, "devices": str(jax.devices()),
-             "total_seconds": time.perf_counter() - t0}
+    step = make_train_step(method_objective(method, config), problem, apply_fn, optimizer, config.batch_size)
+    records_by_method[method], per_seed = [], {}
+    for seed in seeds:
+      control = (apply_fn, control_from_config(problem, config, seed)[1])
+      recs = train_method(method, problem, config, on_record, control=control, evaluate=evaluate, seed=seed,
+                          step=step)
+      records_by_method[method] += recs
+      per_seed[seed] = summarise(recs, config.l2_target)
+    finals = np.array([v["final_l2_error"] for v in per_seed.values()])
+    methods[method] = dict(per_seed[seeds[0]], seeds=per_seed, final_l2_mean=float(finals.mean()),
+                           final_l2_std=float(finals.std(ddof=1)) if len(seeds) > 1 else 0.0,
+                           final_l2_min=float(finals.min()), final_l2_max=float(finals.max()),
+                           seconds_per_iteration_mean=float(np.mean(
+                               [v["seconds_per_iteration"] for v in per_seed.values()])))
+  summary = {"problem": problem.name, "num_steps": problem.num_steps, "config": config.to_dict(),
+             "setup_seconds": setup_seconds, "reference": reference, "methods": methods,
+             "devices": str(jax.devices()), "total_seconds": time.perf_counter() - t0}
   return summary, records_by_method

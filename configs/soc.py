@@ -30,30 +30,33 @@ x0 = 0.5 N(0, I) fixed.  About 2-3 min:
     continuous_adjoint it 1500: L2 0.0056, J 5.984 +- 0.045, L2 <= 1e-2 at it 1200 (42 s), train 55 s
   Floor from the K = 50 Euler discretisation: the discrete-time optimum is 1.1e-3 from the continuous u*.
 
-quadratic_hard -- Quadratic OU, hard (d = 20, K = 50): A = I, P = I, Q = 0.5 I, sigma = I, x0 = 0.5 N(0, I)
-fixed.  About 3 min (reduced budget: 1500 iterations):
+quadratic_hard -- Quadratic OU, hard (d = 20): A = I, P = I, Q = 0.5 I, sigma = I, x0 = 0.5 N(0, I) fixed.
+Since issue 16: K = 100 (num_steps; the K = 50 Euler discrete optimum is 0.030 from u*, the K = 100 one 0.0076:
+soc.lq_discrete_optimum) and the grad_g control net.  AM only, 3 seeds, about 10 min per seed on the loaded
+2-core CPU (2026-11-26; 0.37 s/iteration at load ~13):
 
-    python -m experiments.soc --config=configs/soc.py:quadratic_hard --workdir=runs/soc_quadratic_hard
+    python -m experiments.soc --config=configs/soc.py:quadratic_hard --workdir=runs/soc_quadratic_hard \
+        --config.methods='("am",)' --config.num_seeds=3
 
-  Measured total 168 s.  J(u*) = 29.675 +- 0.177, J(0) = 96.735 +- 0.803, L2(0) = 139.
-    am                 it 1500: L2 0.205, J 29.747 +- 0.181, L2 1e-2 not reached, train 42 s
-    discrete_adjoint   it 1500: L2 0.159, J 29.726 +- 0.180, L2 1e-2 not reached, train 49 s
-    continuous_adjoint it 1500: L2 0.14, J 29.738 +- 0.179, L2 1e-2 not reached, train 43 s
-  Floor: the exact discrete-time (K = 50 Euler) optimum is itself 0.030 from the continuous u* in this L2
-  error, so 1e-2 is unreachable at K = 50 for every method (docs/soc.md).
+  Measured: L2 at it 1500 = 0.0106 +- 0.0012 (std over seeds 0-2; min 0.0099, max 0.0120), J 29.445 (J(u*) =
+  29.450 +- 0.173 on the same paths, J(0) = 98.07).  Before issue 16 (K = 50, plain MLP): AM 0.205, discrete
+  adjoint 0.159, continuous adjoint 0.140 (seed 0).
 
 double_well -- Double well (d = 10, K = 200): b = -grad Psi, kappa = 5 (i < 3) / 1, g = sum nu_i (x_i^2 - 1)^2,
-nu = 3 / 1, x0 = 0.  About 4-4.5 min (reduced budget: 500 iterations):
+nu = 3 / 1, x0 = 0.  Since issue 16: grad_g control net, log(time-to-go) time input, AM with the TD(0.9) lean
+adjoint (soc.bootstrapped_adjoint), lr 1e-2, 1000 iterations.  All three methods, seed 0: 40 min on the loaded
+2-core CPU (2026-11-26, load ~12; 0.67 / 0.76 / 0.83 s per iteration):
 
     python -m experiments.soc --config=configs/soc.py:double_well --workdir=runs/soc_double_well
 
-  Measured total 240 s (272 s rerun through the redesigned code on a busier machine, reference solve 1.6 s;
-  the same numbers to the digits shown).  J(u*) = 2.188 +- 0.026, J(0) = 2.546 +- 0.030, L2(0) = 0.67.
-    am                 it 500: L2 0.647, J 2.533 +- 0.030, L2 1e-2 not reached, train 54 s
-    discrete_adjoint   it 500: L2 0.647, J 2.534 +- 0.030, L2 1e-2 not reached, train 59 s
-    continuous_adjoint it 500: L2 0.646, J 2.533 +- 0.030, L2 1e-2 not reached, train 72 s
-  No method gets far: the adjoint targets are noise-dominated here (per-path target variance ~32 vs the
-  signal E int |u*|^2 = 0.67; docs/soc.md).
+  Measured: J(u*) = 2.188 +- 0.026, J(0) = 2.546 +- 0.030, L2(0) = 0.670.
+    am                 it 1000: L2 0.0151 +- 0.0005, J 2.194, L2 < 0.1 from it 300
+    discrete_adjoint   it 1000: L2 0.0642 +- 0.0009, J 2.220 (same net; no TD for the baselines)
+    continuous_adjoint it 1000: L2 0.0553 +- 0.0009, J 2.217
+  AM with 3 seeds (add --config.methods='("am",)' --config.num_seeds=3; 22 min): L2 at it 1000 =
+  0.0152 +- 0.0001 (min 0.0151, max 0.0153), below 0.1 from it 400 for every seed (docs/soc.md, issue 16).
+  Before issue 16 (plain MLP, lr 3e-3, 500 iterations) every method stayed at 0.65: the AM target was
+  noise-dominated and the plain net slow to represent the control that lives in the last ~5 % of [0, T].
 
 Self-contained (no imports from ``configs``): the configs are installed as package data.
 """
@@ -65,8 +68,10 @@ VARIANTS = ("linear_ou", "quadratic_easy", "quadratic_hard", "double_well")
 _OVERRIDES = {
     "linear_ou": dict(num_iterations=600, learning_rate=0.001, time_scale=0.01, eval_every=50),
     "quadratic_easy": dict(num_iterations=1500, learning_rate=0.003, time_scale=0.01, eval_every=100),
-    "quadratic_hard": dict(num_iterations=1500, learning_rate=0.003, time_scale=0.01, eval_every=100),
-    "double_well": dict(num_iterations=500, learning_rate=0.003, time_scale=1.0, eval_every=50),
+    "quadratic_hard": dict(num_iterations=1500, learning_rate=0.003, time_scale=0.01, eval_every=100,
+                           num_steps=100, control_net="grad_g"),
+    "double_well": dict(num_iterations=1000, learning_rate=0.01, time_scale=1.0, eval_every=100,
+                        control_net="grad_g", time_feature="log_time_to_go", td_lambda=0.9),
 }
 
 
@@ -99,5 +104,10 @@ def get_config(arg=None):
   c.eval_batch_size = 1024
   c.l2_target = 1e-2                # report the first iteration / training time with L2 error <= this
   c.time_budget_s = 0.0             # 0: no per-method training-time cap
+  c.num_steps = 0                   # K of the Euler grid; 0: the problem's default (50 / 100 / 200)
+  c.control_net = "mlp"             # 'mlp' (models.MLP on (x, t)) or 'grad_g' (soc_training.GradGControl)
+  c.time_feature = "linear"         # the net's time input: 'linear' (time_scale t) or 'log_time_to_go'
+  c.td_lambda = 1.0                 # AM only: 1 = lean adjoint; < 1 = soc.bootstrapped_adjoint (TD(lambda))
+  c.num_seeds = 1                   # seeds seed, seed + 1, ...: mean / std / min / max across them
   c.update(_OVERRIDES[c.problem])
   return c

@@ -7,26 +7,61 @@ Variants, times and expected results: ``configs/soc.py``.  The training and eval
 
   metrics.jsonl  one row per evaluation: step (= iteration), method, train_seconds (excl. compile and
                  evaluation), loss, objective(_se), l2_error(_se)
-  metrics.json   final summary per method + the objective of u* and of u = 0 on the same paths
-  l2_error.png   L2 error vs iteration and vs training seconds (log scale), one line per method
+  metrics.json   final summary per method (per seed, and mean / std / min / max across the
+                 ``num_seeds`` seeds) + the objective of u* and of u = 0 on the same paths
+  l2_table.csv   per method and evaluation: L2 error across seeds (mean, std, min, max), objective, mean
+                 training seconds (``soc_training.aggregate``)
+  l2_table.md    the same as a markdown table (every other evaluation when there are more than 12)
+  l2_error.png   L2 error vs iteration and vs training seconds (log scale): the mean over seeds per method,
+                 min-max band across seeds
+
+Three seeds of one benchmark: ``--config.num_seeds=3``.
 """
 from __future__ import annotations
 
+import csv
 import os
 
 from am_jax import launch, reporting, soc_training
 
+TABLE_FIELDS = ("method", "iteration", "num_seeds", "l2_mean", "l2_std", "l2_min", "l2_max", "objective_mean",
+                "objective_std", "train_seconds_mean")
 
-def plot(records_by_method, path, title):
+
+def write_tables(rows, workdir, title):
+  """l2_table.csv (every row of ``soc_training.aggregate``) and l2_table.md (at most ~12 evaluations per method)."""
+  with open(os.path.join(workdir, "l2_table.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = [f"{title}", "", "| method | iteration | train s (mean) | L2 error mean ± std (min-max) | objective J |",
+           "|---|---|---|---|---|"]
+  for method in dict.fromkeys(r["method"] for r in rows):
+    mine = [r for r in rows if r["method"] == method]
+    stride = max(1, -(-len(mine) // 12))
+    for i, r in enumerate(mine):
+      if i % stride and i != len(mine) - 1:
+        continue
+      lines.append(f"| {method} | {r['iteration']} | {r['train_seconds_mean']:.1f} | {r['l2_mean']:.3g} ± "
+                   f"{r['l2_std']:.2g} ({r['l2_min']:.3g}-{r['l2_max']:.3g}) | {r['objective_mean']:.4f} |")
+  with open(os.path.join(workdir, "l2_table.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot(rows, path, title):
+  """L2 error (mean over seeds, min-max band) vs iteration and vs mean training seconds, one colour per method."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for method, recs in records_by_method.items():
-    l2 = [r["l2_error"] for r in recs]
-    axes[0].plot([r["iteration"] for r in recs], l2, label=method, marker=".")
-    axes[1].plot([r["train_seconds"] for r in recs], l2, label=method, marker=".")
+  for method in dict.fromkeys(r["method"] for r in rows):
+    mine = [r for r in rows if r["method"] == method]
+    for ax, xs in zip(axes, ([r["iteration"] for r in mine], [r["train_seconds_mean"] for r in mine])):
+      line, = ax.plot(xs, [r["l2_mean"] for r in mine], label=method, marker=".")
+      if mine[0]["num_seeds"] > 1:
+        ax.fill_between(xs, [r["l2_min"] for r in mine], [r["l2_max"] for r in mine], color=line.get_color(),
+                        alpha=0.2)
   for ax, xlabel in zip(axes, ["iteration", "training seconds (excl. compile/eval)"]):
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -58,18 +93,24 @@ def main(config, workdir):
     writer.write(rec["iteration"], {k: v for k, v in rec.items() if k != "iteration"})
     it, total = rec["iteration"], config.num_iterations
     eta = rec["train_seconds"] / max(it - 1, 1) * (total - it)
-    reporting.info(f"[{rec['method']}] it {it:5d}/{total}  L2 {rec['l2_error']:.3e}  J {rec['objective']:.4f} "
+    reporting.info(f"[{rec['method']} seed {rec['seed']}] it {it:5d}/{total}  L2 {rec['l2_error']:.3e}  J {rec['objective']:.4f} "
                    f"+- {rec['objective_se']:.4f}  loss {rec['loss']:.3e}  train {rec['train_seconds']:.1f}s  "
                    f"ETA {eta:.0f}s")
 
   summary, records = soc_training.run(config, on_record=on_record, on_problem=on_problem)
   writer.final(summary)
   writer.close()
-  plot(records, os.path.join(workdir, "l2_error.png"), f"{summary['problem']}: control L2 error")
+  rows = soc_training.aggregate([r for recs in records.values() for r in recs])
+  title = (f"{summary['problem']} (K = {summary['num_steps']}, {config.num_seeds} seed(s)): control L2 error "
+           "E int |u - u*|^2 dt")
+  write_tables(rows, workdir, title)
+  plot(rows, os.path.join(workdir, "l2_error.png"), title)
   short = {"workdir": workdir, "total_seconds": summary["total_seconds"]}
   for method, s in summary["methods"].items():
     short[f"{method}/final_l2_error"] = s["final_l2_error"]
     short[f"{method}/final_objective"] = s["final_objective"]
+    if config.num_seeds > 1:
+      short[f"{method}/final_l2_mean+-std"] = f"{s['final_l2_mean']:.4g} +- {s['final_l2_std']:.2g}"
   return short
 
 
