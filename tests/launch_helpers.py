@@ -50,11 +50,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def env(num_devices: int):
+def env(num_devices: int, plain: bool = False):
+  """This process's environment for a child with ``num_devices`` forced CPU devices (and the suite's
+  ``JAX_DISABLE_MOST_OPTIMIZATIONS``, tests/conftest.py, so that a run continued in-process computes what the child
+  would have); ``plain=True``: XLA's default optimisation, as the golden numbers were captured."""
   e = dict(os.environ)
   e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   e["JAX_PLATFORMS"] = "cpu"
   e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+  if plain:
+    e.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
   return e
 
 

@@ -8,6 +8,7 @@ The runs go in a fresh process with ONE CPU device, as the capture ran: XLA:CPU 
 ``conftest.py`` forces 8 virtual devices (measured: the pre-redesign code itself then misses its own golden EAM
 losses in the 7th digit from step 4 on; with 1 or 2 devices it matches exactly).
 """
+import functools
 import json
 import os
 import subprocess
@@ -36,13 +37,24 @@ def am_eam_runs() -> dict:
   return out
 
 
-def run_on_one_device(function: str) -> dict:
-  """``function()`` of this module in a fresh Python with one CPU device; its JSON-able result."""
-  code = f"import json; from tests import test_golden; print(json.dumps(test_golden.{function}()))"
-  proc = subprocess.run([sys.executable, "-c", code], env=launch_helpers.env(1), cwd=launch_helpers.REPO,
+FUNCTIONS = ("am_eam_runs", "soc_linear_ou_run")
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_on_one_device() -> dict:
+  """{function: function()} for every function of FUNCTIONS, all in ONE fresh Python with one CPU device and XLA's
+  default compilation (``launch_helpers.env(1, plain=True)``, as captured): one process start-up for both tests."""
+  code = ("import json; from tests import test_golden; "
+          f"print(json.dumps({{f: getattr(test_golden, f)() for f in {FUNCTIONS!r}}}))")
+  proc = subprocess.run([sys.executable, "-c", code], env=launch_helpers.env(1, plain=True), cwd=launch_helpers.REPO,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_on_one_device(function: str) -> dict:
+  """``function()`` of this module in a fresh Python with one CPU device; its JSON-able result."""
+  return _runs_on_one_device()[function]
 
 
 def test_am_eam_bit_identical():

@@ -178,5 +178,18 @@ def test_validate_names_the_field(field, value, message):
 
 
 def test_validate_accepts_the_packaged_variants():
-  for arg in ("", "size=full", "reward=combo", "size=full,arch=dit,reward=thickness"):
-    sweep.validate(_cfg(arg))
+  """Each packaged variant passes the checks (``validate`` returns None, raises nothing) with its own settings, and
+  the same config with one field broken does not (so the checks did read the variant)."""
+  variants = {"": ("transformer", "target_class", 5), "size=full": ("unet", "target_class", 5),
+              "reward=combo": ("transformer", "weighted", 5),
+              "size=full,arch=dit,reward=thickness": ("transformer", "thickness", 5),
+              "size=full,reward=thickness,guidance=2": ("unet", "thickness", 2)}
+  for arg, (kind, reward, programs_per_lambda) in variants.items():
+    cfg = _cfg(arg)
+    assert sweep.validate(cfg) is None, arg
+    assert (cfg.model.kind, cfg.reward.name) == (kind, reward), arg
+    assert len(sweep.settings(cfg)) == programs_per_lambda * len(cfg.sweep.lambdas), arg
+    with cfg.unlocked():
+      cfg.sweep.seeds = ()
+    with pytest.raises(ConfigError, match="config.sweep.seeds"):
+      sweep.validate(cfg)
