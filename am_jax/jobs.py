@@ -286,6 +286,19 @@ def _nonfinite_error(e: BaseException, what: str, step: int, saved: Optional[int
                         f"finetune.on_nonfinite='skip' drops such updates instead).")
 
 
+@contextlib.contextmanager
+def _blaming_nonfinite(what: str, step: int, ckpt):
+  """Turns a failed runtime check inside a training step into ONE line naming its source (``_nonfinite_error``);
+  any other exception passes through unchanged."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 -- re-raised below unless it is a runtime check
+    err = _nonfinite_error(e, what, step, ckpt.latest_step())
+    if err is None:
+      raise
+    raise err from None
+
+
 def check_workdir(workdir) -> str:
   """``workdir`` when it can hold a run's files; one-line ``ConfigError`` for an empty value (which would write
   into the current directory) or a path that is a file."""
@@ -338,7 +351,7 @@ def pretrain(cfg, workdir: str, stop_after: Optional[int] = None) -> dict:
     cfg_dict = cfg.to_dict()
     done = start
     for s in range(start, pc.steps):
-      try:
+      with _blaming_nonfinite("pretrain", s + 1, ckpt):
         state, m = step_fn(state, data_dev)
         done = s + 1
         ckpt.save(done, state, cfg_dict)
@@ -347,11 +360,6 @@ def pretrain(cfg, workdir: str, stop_after: Optional[int] = None) -> dict:
           extra = progress.tick(done, m)
           if _metrics_row(done, pc.log_every, pc.steps):
             writer.write(done, dict(m, **extra))
-      except Exception as e:  # noqa: BLE001 -- a failed runtime check becomes one line naming its source
-        err = _nonfinite_error(e, "pretrain", s + 1, ckpt.latest_step())
-        if err is None:
-          raise
-        raise err from None
       if stop_after is not None and done >= stop_after:
         return {"step": done, "stopped_early": True}  # simulated crash: no final save; a rerun replays
     if done > start and ckpt.latest_step() != done:
@@ -472,7 +480,7 @@ def finetune(cfg, workdir: str, stop_after: Optional[int] = None, return_state: 
     done = start
     t_loop = time.perf_counter()
     for s in range(start, fc.steps):
-      try:
+      with _blaming_nonfinite("finetune", s + 1, ckpt):
         state, m = step_fn(state, base_params)
         done = s + 1
         ckpt.save(done, state, cfg_dict)
@@ -486,11 +494,6 @@ def finetune(cfg, workdir: str, stop_after: Optional[int] = None, return_state: 
           extra = progress.tick(done, m)
           if _metrics_row(done, fc.log_every, fc.steps):
             writer.write(done, dict(m, **extra))
-      except Exception as e:  # noqa: BLE001 -- a failed runtime check becomes one line naming its source
-        err = _nonfinite_error(e, "finetune", s + 1, ckpt.latest_step())
-        if err is None:
-          raise
-        raise err from None
       if stop_after is not None and done >= stop_after:
         return {"step": done, "stopped_early": True}  # simulated crash: no final save; a rerun resumes
     loop_seconds = time.perf_counter() - t_loop
