@@ -64,25 +64,29 @@ def terminal_adjoint(reward_fn: Callable, x1, reward_multiplier=1.0, cond=()):
   return -reward_multiplier * grad, rewards
 
 
-def _adjoint_vjp(base_velocity_fn, x_k, s: Step, a_next):
+def _adjoint_vjp(base_velocity_fn, x_k, s: Step, a_next, with_velocity: bool = False):
   """a_k - a_{k+1} for the step with coefficients s: one VJP of the base model.
 
   Euler: h_k (grad_x b_k(X_k))^T a_{k+1}.  Exponential (s.gain set): (lin_k - 1) a_{k+1} + gain_k
-  (grad_x v_base(X_k, tau_k))^T a_{k+1}.
+  (grad_x v_base(X_k, tau_k))^T a_{k+1}.  with_velocity: also return the VJP's primal v_base(X_k, tau_k)
+  (free: the VJP evaluates it anyway), as ``(increment, v_base)``.
   """
   t_k = jnp.full((x_k.shape[0],), s.tau, dtype=jnp.float32)
   if s.gain is not None:
-    _, vjp = jax.vjp(lambda x: base_velocity_fn(x, t_k), x_k)
-    return (s.lin - 1.0) * a_next + s.gain * vjp(a_next)[0]
-  _, vjp = jax.vjp(lambda x: drift_of(base_velocity_fn(x, t_k), x, s), x_k)
-  return s.dt * vjp(a_next)[0]
+    v, vjp = jax.vjp(lambda x: base_velocity_fn(x, t_k), x_k)
+    inc = (s.lin - 1.0) * a_next + s.gain * vjp(a_next)[0]
+  else:
+    # v rides along as aux: the VJP is of the same function as without it (bit-identical increments).
+    _, vjp, v = jax.vjp(lambda x: (lambda v: (drift_of(v, x, s), v))(base_velocity_fn(x, t_k)), x_k, has_aux=True)
+    inc = s.dt * vjp(a_next)[0]
+  return (inc, v) if with_velocity else inc
 
 
 def _adjoint_step_vjp(base_velocity_fn, traj, coeffs, k, a_next):
   return _adjoint_vjp(base_velocity_fn, traj[k], step_at(coeffs, k), a_next)
 
 
-def scan_backward(increment_fn: Callable, a_last, inputs):
+def scan_backward(increment_fn: Callable, a_last, inputs, with_outputs: bool = False):
   """The backward loop of every adjoint here: one reversed ``lax.scan`` of
 
       a_K = a_last,   a_k = a_{k+1} + increment_fn(a_{k+1}, inputs_k),   k = K-1 .. 0,
@@ -94,23 +98,26 @@ def scan_backward(increment_fn: Callable, a_last, inputs):
   continuous adjoint method (``soc.full_adjoint_continuous``).
 
   Returns:
-    (K+1, B, ...) adjoint a_0 .. a_K (a_K = a_last).
+    (K+1, B, ...) adjoint a_0 .. a_K (a_K = a_last).  with_outputs: increment_fn returns (increment, y_k)
+    and the result is (adjoint, ys) with ys the stacked y_0 .. y_{K-1}.
   """
   def body(a_next, inp):
-    a_k = a_next + increment_fn(a_next, inp)
-    return a_k, a_k
+    inc, y = increment_fn(a_next, inp) if with_outputs else (increment_fn(a_next, inp), ())
+    a_k = a_next + inc
+    return a_k, (a_k, y)
 
-  _, a_rev = jax.lax.scan(body, a_last, inputs, reverse=True)
-  return jnp.concatenate([a_rev, a_last[None]], axis=0)
+  _, (a_rev, ys) = jax.lax.scan(body, a_last, inputs, reverse=True)
+  adj = jnp.concatenate([a_rev, a_last[None]], axis=0)
+  return (adj, ys) if with_outputs else adj
 
 
-def _lean_adjoint_scan(base_velocity_fn, traj, a1, coeffs):
+def _lean_adjoint_scan(base_velocity_fn, traj, a1, coeffs, with_velocity=False):
   def increment(a_next, inp):
     s, k = inp
     x_k = jax.lax.dynamic_index_in_dim(traj, k, 0, keepdims=False)
-    return _adjoint_vjp(base_velocity_fn, x_k, s, a_next)
+    return _adjoint_vjp(base_velocity_fn, x_k, s, a_next, with_velocity)
 
-  return scan_backward(increment, a1, (per_step(coeffs), jnp.arange(coeffs.num_steps)))
+  return scan_backward(increment, a1, (per_step(coeffs), jnp.arange(coeffs.num_steps)), with_velocity)
 
 
 def _lean_adjoint_diffrax(base_velocity_fn, traj, a1, coeffs):
@@ -132,7 +139,8 @@ def _lean_adjoint_diffrax(base_velocity_fn, traj, a1, coeffs):
   return sol.ys[::-1]
 
 
-def lean_adjoint(base_velocity_fn: Callable, traj, a1, coeffs: StepCoefficients, solver: str = "scan"):
+def lean_adjoint(base_velocity_fn: Callable, traj, a1, coeffs: StepCoefficients, solver: str = "scan",
+                 return_base_velocity: bool = False):
   """Solves the lean adjoint backward over a stored trajectory.
 
   Args:
@@ -141,14 +149,19 @@ def lean_adjoint(base_velocity_fn: Callable, traj, a1, coeffs: StepCoefficients,
     a1: (B, ...) terminal adjoint, from ``terminal_adjoint``.
     coeffs: the StepCoefficients that produced ``traj``.
     solver: 'scan' or 'diffrax' (identical numbers).
+    return_base_velocity: also return the base velocities v_base(X_k, tau_k), k < K, that the VJPs evaluate
+      anyway (the loss needs them at its time steps: ``losses.AMBatch.base_velocity``); 'scan' only.
 
   Returns:
-    (K+1, B, ...) adjoint states a_0 .. a_K (a_K = a1).
+    (K+1, B, ...) adjoint states a_0 .. a_K (a_K = a1); with return_base_velocity, ``(adjoint, v_base)``
+    with v_base (K, B, ...).
   """
   chex.assert_shape(traj, (coeffs.num_steps + 1,) + a1.shape)
   traj = jax.lax.stop_gradient(traj)
+  if return_base_velocity and solver != "scan":
+    raise ValueError(f"lean_adjoint(return_base_velocity=True) needs solver='scan', got {solver!r}.")
   if solver == "scan":
-    return _lean_adjoint_scan(base_velocity_fn, traj, a1, coeffs)
+    return _lean_adjoint_scan(base_velocity_fn, traj, a1, coeffs, return_base_velocity)
   if solver == "diffrax":
     return _lean_adjoint_diffrax(base_velocity_fn, traj, a1, coeffs)
   raise ValueError(f"Unknown solver {solver!r}; expected 'scan' or 'diffrax'.")

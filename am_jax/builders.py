@@ -551,7 +551,8 @@ def build_am_config(cfg) -> losses.AMConfig:
                 random_timestep_fraction=float(am.random_timestep_fraction),
                 num_last_timesteps=int(am.num_last_timesteps), loss_clip=None if not clip else float(clip),
                 solver=str(am.solver), diffusion=am.diffusion, remat_segments=am.get("remat_segments", 0),
-                chunk_loss=am.get("chunk_loss", False), network_dtype=am.get("network_dtype", "float32"),
+                chunk_loss=am.get("chunk_loss", False), reuse_base_velocity=am.get("reuse_base_velocity", True),
+                network_dtype=am.get("network_dtype", "float32"),
                 integrator=am.get("integrator", "euler"))
   try:
     return losses.AMConfig(**kwargs)
@@ -608,6 +609,8 @@ def validate_finetune(cfg, num_devices: Optional[int] = None):
     require(cfg, "eval.num_samples", _positive_int, "a positive integer") if "num_samples" in cfg.eval else None
     require(cfg, "eval.num_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: am.num_steps)") \
         if "num_steps" in cfg.eval else None
+    require(cfg, "eval.at_end", lambda v: isinstance(v, bool), "True or False (evaluate the final model)") \
+        if "at_end" in cfg.eval else None
   if "on_nonfinite" in cfg.finetune:
     require(cfg, "finetune.on_nonfinite", lambda v: v in NONFINITE_POLICIES,
             f"one of {NONFINITE_POLICIES} (halt: stop with the source of the NaN/inf; skip: drop that update)")

@@ -61,7 +61,7 @@ def _finished(workdir: str, steps: int, latest: Optional[int], what: str) -> Opt
 # steps already taken.  A path names a field or a whole section.  Every other field refuses to resume.
 FREE_FIELDS = {
     "finetune": ("finetune.steps", "finetune.log_every", "eval", "checkpoint", "mesh", "distributed", "resume",
-                 "am.remat_segments", "am.chunk_loss"),
+                 "am.remat_segments", "am.chunk_loss", "am.reuse_base_velocity"),
     "pretrain": ("pretrain.steps", "pretrain.log_every", "pretrain.checkpoint", "mesh", "distributed", "resume"),
 }
 # The sections a pre-training run depends on (the rest of a fine-tuning config is ignored by its drift check).
@@ -365,7 +365,7 @@ def pretrain(cfg, workdir: str, stop_after: Optional[int] = None) -> dict:
     if done > start and ckpt.latest_step() != done:
       ckpt.save(done, state, cfg_dict, force=True)
   summary = {"step": done}
-  if data[0].ndim == 2 and data[0].shape[1] == 2:
+  if data[0].ndim == 2 and data[0].shape[1] == 2 and eval_at_end(cfg):
     summary.update(evaluate_base_2d(cfg, apply_fn, sharding.to_local(training.eval_params(state, pc.ema_decay))))
   writer.final(summary)
   return summary
@@ -385,6 +385,13 @@ def _closing(ckpt: checkpointing.Checkpointer):
     raise
   else:
     ckpt.close()
+
+
+def eval_at_end(cfg) -> bool:
+  """``eval.at_end`` (default True): whether a finished run evaluates its final model (fine-tuning: base and
+  fine-tuned samples, rewards, distances to the exact target, plots; pre-training of a 2-D base: sliced W1 to the
+  data).  False skips it (its sampler compilations), e.g. in tests that check only the training itself."""
+  return "eval" not in cfg or bool(cfg.eval.get("at_end", True))
 
 
 def _log_step(done: int, log_every: int, steps: int, start: int) -> bool:
@@ -507,7 +514,7 @@ def finetune(cfg, workdir: str, stop_after: Optional[int] = None, return_state: 
     summary["skipped_steps"] = skipped
   if watch is not None:
     summary.update(watch.summary())
-  if done >= fc.steps and done_summary is None:
+  if done >= fc.steps and done_summary is None and eval_at_end(cfg):
     final_params = sharding.to_local(training.eval_params(state, fc.ema_decay))
     summary.update(evaluate(cfg, workdir, problem, final_params))
   summary["total_seconds"] = time.perf_counter() - t_start

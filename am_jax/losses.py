@@ -82,6 +82,12 @@ class AMConfig:
   # jax.checkpoint): the backward pass holds the activations of batch B instead of M * B, for one more
   # forward pass of the fine-tuned model at the loss points.  Same value and gradient to float rounding.
   chunk_loss: bool = False
+  # reuse_base_velocity: keep the base velocities v_base(X_k, tau_k) that the adjoint's VJPs evaluate anyway
+  # (``AMBatch.base_velocity``) and use them in the loss instead of a second base forward at the M * B loss
+  # points (solver 'scan', remat_segments = 0).  Same loss and gradient to float rounding (the base network then
+  # runs at batch B instead of M * B, which XLA may round differently); False reproduces the older programs
+  # bit for bit (tests/test_golden.py).
+  reuse_base_velocity: bool = True
   # Mixed precision: dtype of the network evaluations (params and x cast, output back to float32;
   # ``parameterisation.mixed_precision``).  The SDE state, the adjoint and the loss stay float32.
   network_dtype: str = "float32"
@@ -130,6 +136,8 @@ class AMConfig:
       raise ValueError(f"AMConfig.remat_segments > 0 needs solver = 'scan', got solver = {self.solver!r}.")
     if not isinstance(self.chunk_loss, bool):
       raise TypeError(f"AMConfig.chunk_loss must be a bool, got {self.chunk_loss!r}.")
+    if not isinstance(self.reuse_base_velocity, bool):
+      raise TypeError(f"AMConfig.reuse_base_velocity must be a bool, got {self.reuse_base_velocity!r}.")
     if self.network_dtype not in parameterisation.NETWORK_DTYPES:
       raise ValueError(f"AMConfig.network_dtype must be one of {parameterisation.NETWORK_DTYPES}, got {self.network_dtype!r}.")
     if not isinstance(self.schedule, schedules_lib.Schedule):
@@ -150,12 +158,15 @@ class AMConfig:
 class AMBatch(NamedTuple):
   """What one Adjoint Matching update regresses on (all without gradient).
 
-  traj: (K+1, B, ...) states; adjoint: (K+1, B, ...) lean adjoint; rewards: (B,) raw rewards of X_1.
+  traj: (K+1, B, ...) states; adjoint: (K+1, B, ...) lean adjoint; rewards: (B,) raw rewards of X_1;
+  base_velocity: (K, B, ...) v_base(X_k, tau_k), the primal outputs of the adjoint's VJPs, so that the loss
+  does not evaluate the base network again at its time steps (None: the loss evaluates it).
   """
 
   traj: jax.Array
   adjoint: jax.Array
   rewards: jax.Array
+  base_velocity: Optional[jax.Array] = None
 
 
 def select_timesteps(key, config: AMConfig):
@@ -199,10 +210,14 @@ def make_am_batch(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, bas
   traj = sampling.simulate(lambda x, t: ft_apply_fn(ft_params, x, t, *cond), x0, noise, coeffs, config.solver)
   traj = sharding_lib.constrain_batch(jax.lax.stop_gradient(traj), mesh, 1)
   a1, rewards = adjoint_lib.terminal_adjoint(reward_fn, traj[-1], config.reward_multiplier, cond)
-  adj = adjoint_lib.lean_adjoint(lambda x, t: base_apply_fn(base_params, x, t, *cond), traj, a1, coeffs,
-                                 config.solver)
+  base_v = lambda x, t: base_apply_fn(base_params, x, t, *cond)  # noqa: E731
+  if config.solver == "scan" and config.reuse_base_velocity:  # the VJPs' primal outputs are free: keep them
+    adj, v_base = adjoint_lib.lean_adjoint(base_v, traj, a1, coeffs, "scan", return_base_velocity=True)
+    v_base = sharding_lib.constrain_batch(jax.lax.stop_gradient(v_base), mesh, 1)
+  else:
+    adj, v_base = adjoint_lib.lean_adjoint(base_v, traj, a1, coeffs, config.solver), None
   adj = sharding_lib.constrain_batch(jax.lax.stop_gradient(adj), mesh, 1)
-  return AMBatch(traj, adj, rewards)
+  return AMBatch(traj, adj, rewards, v_base)
 
 
 def _tile_cond(cond, m):
@@ -235,19 +250,25 @@ def adjoint_matching_loss(ft_apply_fn: Callable, ft_params, base_apply_fn: Calla
   # optimality condition is u_k = -sigma_k E[a_{k+1} | X_k]: pair X_k with a_{k+1}.  (With a_k
   # instead, the stiff first memoryless step, whose Jacobian is 1 - h kappa(tau_0), can flip the
   # sign of the target; see docs/maths.md section 3.)
+  v_base = None if batch.base_velocity is None else jax.lax.stop_gradient(batch.base_velocity)[idx]
   return loss_at_timesteps(ft_apply_fn, ft_params, base_apply_fn, base_params, traj[idx], adj[idx + 1], idx,
-                           batch.rewards, config, cond)
+                           batch.rewards, config, cond, v_base)
 
 
 def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, base_params, x_sel, a_sel, idx,
-                      rewards, config: AMConfig = AMConfig(), cond=()):
+                      rewards, config: AMConfig = AMConfig(), cond=(), v_base_sel=None):
   """The loss of ``adjoint_matching_loss`` given the selected pairs: x_sel = X_k, a_sel = a_{k+1}, k in idx.
 
   x_sel, a_sel: (M, B, ...); idx: (M,) step indices; rewards: (B,) (diagnostics only).  With
   ``config.chunk_loss`` the M time steps are evaluated one at a time under ``jax.checkpoint``.
+  v_base_sel: optional (M, B, ...) base velocities v_base(X_k, tau_k) already computed (by the adjoint's
+  VJPs, ``AMBatch.base_velocity``); None evaluates the base network here.
   """
   x_sel, a_sel = jax.lax.stop_gradient(x_sel), jax.lax.stop_gradient(a_sel)
   chex.assert_equal_shape([x_sel, a_sel])
+  if v_base_sel is not None:
+    v_base_sel = jax.lax.stop_gradient(v_base_sel)
+    chex.assert_equal_shape([x_sel, v_base_sel])
   chex.assert_axis_dimension(x_sel, 0, idx.shape[0])
   ft_apply_fn = parameterisation.mixed_precision(ft_apply_fn, config.network_dtype)
   base_apply_fn = parameterisation.mixed_precision(base_apply_fn, config.network_dtype)
@@ -255,7 +276,7 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   m, b = idx.shape[0], x_sel.shape[1]
   if config.chunk_loss:
     terms, u_sq, target_sq = _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx,
-                                            coeffs, cond)
+                                            coeffs, cond, v_base_sel)
   else:
     x = x_sel.reshape((m * b,) + x_sel.shape[2:])
     a = a_sel.reshape((m * b,) + x_sel.shape[2:])
@@ -264,7 +285,10 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
     one_plus_c = jnp.repeat(1.0 + coeffs.loss_drift_scale[idx], b)
     cond_m = _tile_cond(cond, m)
     v_ft = ft_apply_fn(ft_params, x, t, *cond_m)
-    v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_m))
+    if v_base_sel is None:
+      v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_m))
+    else:
+      v_base = v_base_sel.reshape(x.shape)
     chex.assert_equal_shape([v_ft, v_base, x])
     u = _bcast(one_plus_c / sig, x) * (v_ft - v_base)
     target = -_bcast(sig, x) * a
@@ -289,7 +313,8 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   return loss, aux
 
 
-def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, coeffs, cond):
+def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, coeffs, cond,
+                   v_base_sel=None):
   """Per-term losses (M * B,) and |u|^2, |target|^2, one loss time step per ``lax.scan`` iteration.
 
   Each iteration is a ``jax.checkpoint``: the backward pass stores only its inputs and recomputes the
@@ -298,10 +323,11 @@ def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_
   m, b = idx.shape[0], x_sel.shape[1]
 
   @jax.checkpoint
-  def one_step(params, x, a, tau, sig, one_plus_c):
+  def one_step(params, x, a, tau, sig, one_plus_c, v_base):
     t = jnp.full((b,), tau, jnp.float32)
     v_ft = ft_apply_fn(params, x, t, *cond)
-    v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond))
+    if v_base is None:
+      v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond))
     chex.assert_equal_shape([v_ft, v_base, x])
     u = (one_plus_c / sig).astype(x.dtype) * (v_ft - v_base)
     target = -sig.astype(x.dtype) * a
@@ -311,7 +337,7 @@ def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_
   def body(carry, inp):
     return carry, one_step(ft_params, *inp)
 
-  inputs = (x_sel, a_sel, coeffs.tau[idx], coeffs.loss_sigma[idx], 1.0 + coeffs.loss_drift_scale[idx])
+  inputs = (x_sel, a_sel, coeffs.tau[idx], coeffs.loss_sigma[idx], 1.0 + coeffs.loss_drift_scale[idx], v_base_sel)
   _, (terms, u_sq, target_sq) = jax.lax.scan(body, None, inputs)
   return terms.reshape(m * b), u_sq.reshape(m * b), target_sq.reshape(m * b)
 

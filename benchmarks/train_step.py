@@ -65,6 +65,13 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
     runs[f"{solver}/step"], compile_s[f"{solver}/step"], compiled = common.step_runner(
         common.make_step(problem, mesh, config), state, base_params)
     memory[solver] = common.memory_stats(compiled)
+    if solver == "scan" and config.reuse_base_velocity and not config.remat_segments:
+      # The same step evaluating the base network again at the loss points (the step before the adjoint's
+      # evaluations were reused; the floor counts those evaluations too), timed in the same rounds.
+      state, base_params = common.init_state(problem, mesh)
+      runs["scan/step_recompute"], compile_s["scan/step_recompute"], _ = common.step_runner(
+          common.make_step(problem, mesh, dataclasses.replace(config, reuse_base_velocity=False)), state,
+          base_params)
     if pieces:
       state_l, _ = common.init_state(problem, None)
       for name, r in common.piece_runners(problem, state_l, base_local, config).items():
@@ -88,6 +95,10 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       res["pieces_s"] = {"sample": med[f"{solver}/sample"], "adjoint": med[f"{solver}/adjoint"],
                          "loss_update": med["loss_update"]}
       res["pieces_over_floor"] = {k: v / med[f"floor/{k}"] for k, v in res["pieces_s"].items()}
+    if solver == "scan" and "scan/step_recompute" in med:
+      res["step_recompute_s"] = med["scan/step_recompute"]
+      res["floor_over_step"] = med["floor"] / step_s
+      res["recompute_over_step"] = med["scan/step_recompute"] / step_s
     out[solver] = res
     line = (f"{solver:8s} step {1e3 * step_s:8.2f} ms  compile {res['compile_s']:5.1f} s  "
             f"step/floor {res['step_over_floor']:.3f}")
@@ -95,6 +106,10 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       line += "  pieces " + " ".join(f"{k} {1e3 * v:.2f} ({res['pieces_over_floor'][k]:.2f}x)"
                                      for k, v in res["pieces_s"].items())
     print(line, flush=True)
+    if "floor_over_step" in res:
+      print(f"{'':8s} base evaluations reused: floor/step {res['floor_over_step']:.3f}, "
+            f"recompute/step {res['recompute_over_step']:.3f} (recompute {1e3 * res['step_recompute_s']:.2f} ms)",
+            flush=True)
   return out
 
 

@@ -34,7 +34,7 @@ def get_config():
   c.am = dict(reward_multiplier=2.0, num_steps=20, time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=4, random_timestep_fraction=0.75, num_last_timesteps=4,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
-              remat_segments=0, chunk_loss=False, network_dtype="float32",
+              remat_segments=0, chunk_loss=False, reuse_base_velocity=True, network_dtype="float32",
               integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
   c.method = dict(name="am", options="")
   c.finetune = dict(steps=300, batch_size=32, parameterisation="full", hidden=(64,), lora_rank=4, ema_decay=0.0,
@@ -48,5 +48,5 @@ def get_config():
   c.mesh = dict(num_devices=1)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.eval = dict(num_samples=100, num_steps=20, every=0, watch_samples=64, samples_per_class=50, guidance=2.0,
-                grid_per_class=8)
+                grid_per_class=8, at_end=True)
   return c

@@ -47,7 +47,7 @@ def _ring_config():  # configs/gmm2d.py (kept self-contained: configs ship as pa
               num_random_timesteps=10, random_timestep_fraction=0.75, num_last_timesteps=10,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
               # Memory / precision options (docs/performance.md sections 12.3-12.4); the defaults store everything in float32.
-              remat_segments=0, chunk_loss=False, network_dtype="float32",
+              remat_segments=0, chunk_loss=False, reuse_base_velocity=True, network_dtype="float32",
               integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
 
   # The fine-tuning method: am_jax.methods.build(name, AMConfig, **options) with name in am, eam, draft, refl, ...

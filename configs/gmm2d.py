@@ -41,7 +41,7 @@ def get_config():
               num_random_timesteps=10, random_timestep_fraction=0.75, num_last_timesteps=10,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
               # Memory / precision options (docs/performance.md sections 12.3-12.4); the defaults store everything in float32.
-              remat_segments=0, chunk_loss=False, network_dtype="float32",
+              remat_segments=0, chunk_loss=False, reuse_base_velocity=True, network_dtype="float32",
               integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
 
   # The fine-tuning method: am_jax.methods.build(name, AMConfig, **options) with name in am, eam, draft, refl, ...
@@ -59,6 +59,7 @@ def get_config():
   c.resume = dict(allow_changes="")
   c.mesh = dict(num_devices=-1)  # -1: every device of every host
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
-  # num_steps 0: the training grid (am.num_steps); every > 0: log the rewards on a fixed batch every N steps.
-  c.eval = dict(num_samples=20_000, num_steps=0, every=0, watch_samples=256)
+  # num_steps 0: the training grid (am.num_steps); every > 0: log the rewards on a fixed batch every N steps;
+  # at_end False: skip the evaluation of the final model (jobs.eval_at_end).
+  c.eval = dict(num_samples=20_000, num_steps=0, every=0, watch_samples=256, at_end=True)
   return c

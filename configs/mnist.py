@@ -72,7 +72,7 @@ def get_config(arg: str = ""):
   c.am = dict(reward_multiplier=4.0, num_steps=20, time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=4, random_timestep_fraction=0.75, num_last_timesteps=4,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
-              remat_segments=0, chunk_loss=False, network_dtype="float32",
+              remat_segments=0, chunk_loss=False, reuse_base_velocity=True, network_dtype="float32",
               integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
   c.method = dict(name="am", options="")
   c.finetune = dict(steps=200, batch_size=32, parameterisation=a["param"], hidden=(64,), lora_rank=8, lora_scale=1.0,
@@ -87,5 +87,5 @@ def get_config(arg: str = ""):
   c.mesh = dict(num_devices=-1)
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.eval = dict(num_samples=256, num_steps=20, every=20, watch_samples=128, samples_per_class=20, guidance=2.0,
-                grid_per_class=8, monitor=dict(window=5, margin=0.1, min_rise=0.05))
+                grid_per_class=8, monitor=dict(window=5, margin=0.1, min_rise=0.05), at_end=True)
   return c

@@ -88,7 +88,7 @@ def get_config(arg: str = ""):
   c.am = dict(reward_multiplier=1.0, num_steps=size["num_steps"], time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=4, random_timestep_fraction=0.75, num_last_timesteps=4,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
-              remat_segments=0, chunk_loss=False, network_dtype="float32",
+              remat_segments=0, chunk_loss=False, reuse_base_velocity=True, network_dtype="float32",
               integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
   # parameterisation: that of every method but AM (AM runs with each of sweep.am_params); the learning rate is
   # sweep.learning_rates[parameterisation].

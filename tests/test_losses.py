@@ -148,6 +148,7 @@ def test_loss_clip_and_vmap():
     ({"remat_segments": -1}, "remat_segments"),
     ({"remat_segments": 4, "solver": "diffrax"}, "solver"),
     ({"chunk_loss": 1}, "chunk_loss"),
+    ({"reuse_base_velocity": 1}, "reuse_base_velocity"),
     ({"network_dtype": "float16"}, "network_dtype"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
@@ -158,6 +159,22 @@ def test_config_errors_name_the_field(kwargs, field):
 def test_config_defaults_store_everything_in_float32():
   c = losses.AMConfig()
   assert c.remat_segments == 0 and not c.chunk_loss and c.network_dtype == "float32"
+
+
+def test_batch_keeps_the_base_velocity_of_every_step():
+  """AMBatch.base_velocity[k] = v_base(X_k, tau_k): the primal outputs of the adjoint's VJPs (what the loss reuses)."""
+  config = losses.AMConfig(num_steps=6)
+  ft = lambda p, x, t: gmm.velocity(MIX, x, t, S) + 0.3  # noqa: E731
+  batch = jax.jit(lambda k: losses.make_am_batch(ft, None, BASE, MIX, REWARD, k, (16, 1), config))(
+      jax.random.PRNGKey(1))
+  tau = config.coefficients().tau
+  want = jnp.stack([BASE(MIX, batch.traj[k], jnp.full((16,), tau[k])) for k in range(6)])
+  np.testing.assert_allclose(batch.base_velocity, want, rtol=1e-5, atol=1e-6)
+  off_config = dataclasses.replace(config, reuse_base_velocity=False)
+  off = jax.jit(lambda k: losses.make_am_batch(ft, None, BASE, MIX, REWARD, k, (16, 1), off_config))(
+      jax.random.PRNGKey(1))
+  assert off.base_velocity is None
+  np.testing.assert_array_equal(off.adjoint, batch.adjoint)  # the adjoint itself is unchanged, bit for bit
 
 
 def test_bad_inputs():
@@ -176,7 +193,8 @@ def test_bad_inputs():
 
 def test_memory_options_give_the_same_loss_and_gradient():
   """Bounded-memory paths (BUILD_NOTES.md section 12): rematerialised segments of the trajectory / adjoint and the
-  chunked loss give the default path's loss, aux and gradient (same keys, same noise) to float rounding."""
+  chunked loss give the default path's loss, aux and gradient (same keys, same noise) to float rounding; so does
+  evaluating the base again at the loss points instead of reusing the adjoint's evaluations."""
   ring = gmm.ring_2d(4, 1.5, 0.3)
   params = _plain_mlp_init(jax.random.PRNGKey(5), dim=2)
   params["w2"] = 30.0 * params["w2"]  # a residual large enough to matter
@@ -194,7 +212,8 @@ def test_memory_options_give_the_same_loss_and_gradient():
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
   assert scale > 1e-3 and 0.0 < float(aux0["clip_fraction"]) < 1.0
   # Each path once: remat (trajectory segments + the selected pairs) and the chunked loss (shared by both paths).
-  for options in (dict(remat_segments=4), dict(chunk_loss=True)):
+  for options in (dict(remat_segments=4), dict(chunk_loss=True), dict(reuse_base_velocity=False),
+                  dict(chunk_loss=True, reuse_base_velocity=False)):
     (l1, aux1), g1 = value_and_grad(dataclasses.replace(config, **options))
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, err_msg=str(options))
     for k in aux0:
