@@ -2,8 +2,10 @@
 
 Each method of ``soc.METHODS`` (``am``, ``discrete_adjoint``, ``continuous_adjoint``) trains the same control
 net: ``models.MLP`` on (x, time_scale * t) with the config's widths and a zero-initialised output layer, so
-every method starts at u = 0.  Optimiser: optax Adam with a cosine (to ``lr_final_fraction`` of the rate) or
-constant learning rate and optional global-norm clipping.  One training step (sampling, adjoint, loss,
+every method starts at u = 0 (``control_net`` 'grad_g': ``GradGControl``; 'socm': the SOC-matching authors' net,
+``soc_networks.SOCMatchingUNet``, PyTorch-default init, for equal-architecture runs).  Optimiser: optax Adam
+(eps ``adam_eps``) with a cosine (to ``lr_final_fraction`` of the rate) or constant learning rate and optional
+global-norm clipping; ``ema_decay`` > 0 evaluates an exponential moving average of the parameters.  One training step (sampling, adjoint, loss,
 gradient, update) is one ``jax.jit`` call.  Every ``eval_every`` iterations the control is evaluated on a
 fixed batch of ``eval_batch_size`` paths, with the same key for every evaluation and every method (common
 random numbers): the L2 error E int |u - u*|^2 dt and the control objective E[J], with standard errors
@@ -25,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from am_jax import models, soc
+from am_jax import models, soc, soc_networks
 
 __all__ = ["CONFIG_FIELDS", "LR_SCHEDULES", "CONTROL_NETS", "TIME_FEATURES", "validate_config", "make_optimizer",
            "GradGControl", "time_input", "init_control", "method_objective", "control_from_config",
@@ -38,9 +40,9 @@ LR_SCHEDULES = ("cosine", "constant")
 CONFIG_FIELDS = ("problem", "methods", "num_iterations", "batch_size", "learning_rate", "lr_schedule",
                  "lr_final_fraction", "grad_clip", "hidden", "time_scale", "seed", "eval_seed", "eval_every",
                  "eval_batch_size", "l2_target", "time_budget_s", "num_steps", "control_net", "time_feature",
-                 "td_lambda", "num_seeds")
+                 "td_lambda", "num_seeds", "adam_eps", "init_scale", "ema_decay")
 
-CONTROL_NETS = ("mlp", "grad_g")
+CONTROL_NETS = ("mlp", "grad_g", "socm")
 TIME_FEATURES = ("linear", "log_time_to_go")
 
 
@@ -83,11 +85,16 @@ def validate_config(config) -> None:
     raise ValueError(f"config.num_steps = {config.num_steps!r}: must be an integer >= 0 (0: the problem's K).")
   if int(config.num_seeds) != config.num_seeds or config.num_seeds < 1:
     raise ValueError(f"config.num_seeds = {config.num_seeds!r}: must be a positive integer.")
+  for field in ("adam_eps", "init_scale"):
+    if not config[field] > 0:
+      raise ValueError(f"config.{field} = {config[field]!r}: must be > 0.")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay = {config.ema_decay!r}: must be in [0, 1) (0: no parameter EMA).")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Adam with a cosine-decay (to lr_final_fraction * learning_rate) or constant rate; global-norm clipping if
-  ``grad_clip`` > 0."""
+  """Adam (eps ``adam_eps``) with a cosine-decay (to lr_final_fraction * learning_rate) or constant rate;
+  global-norm clipping if ``grad_clip`` > 0."""
   if config.lr_schedule == "cosine":
     lr = optax.cosine_decay_schedule(config.learning_rate, config.num_iterations, alpha=config.lr_final_fraction)
   elif config.lr_schedule == "constant":
@@ -95,7 +102,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
   else:
     raise ValueError(f"config.lr_schedule = {config.lr_schedule!r}: expected one of {LR_SCHEDULES}.")
   chain = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
-  return optax.chain(*chain, optax.adam(lr))
+  return optax.chain(*chain, optax.adam(lr, eps=config.adam_eps))
 
 
 class GradGControl(nnx.Module):
@@ -144,13 +151,16 @@ def time_input(problem: soc.SOCProblem, time_feature: str, time_scale: float):
 
 
 def init_control(problem: soc.SOCProblem, hidden, seed: int, time_scale: float = 1.0, *, control_net: str = "mlp",
-                 time_feature: str = "linear"):
-  """The control net ``apply_fn(params, x (B, d), t (B,)) -> (B, d)`` and its initial params (u = 0).
+                 time_feature: str = "linear", init_scale: float = 1.0):
+  """The control net ``apply_fn(params, x (B, d), t (B,)) -> (B, d)`` and its initial params (u = 0, except
+  for 'socm').
 
   ``models.MLP`` embeds t with sinusoids of 1000 t (DDPM step-index scale); time_scale < 1 makes the time
   features smooth over [0, T] (right for the OU problems), 1 keeps the sharp ones (double well: u* varies on
   the scale of one step just before T).  ``control_net``: 'mlp' (``models.MLP`` on (x, s(t))) or 'grad_g'
-  (``GradGControl``); ``time_feature``: s(t) of ``time_input``.
+  (``GradGControl``) or 'socm' (the SOC-matching authors' net, ``soc_networks.SOCMatchingUNet``: it predicts
+  grad V from (s(t), x), u = -sigma(t)^T grad V, PyTorch-default init times ``init_scale``, so u != 0 at
+  initialisation); ``time_feature``: s(t) of ``time_input``.
   """
   s_of_t = time_input(problem, time_feature, time_scale)
   if control_net == "mlp":
@@ -171,6 +181,19 @@ def init_control(problem: soc.SOCProblem, hidden, seed: int, time_scale: float =
       return net_apply(p, x, q, s_of_t(t))
 
     return apply_fn, params
+  if control_net == "socm":
+    net_apply, params = models.functional(
+        soc_networks.SOCMatchingUNet(problem.dim, tuple(hidden), init_scale, rngs=nnx.Rngs(seed)))
+
+    def sigma_t(v, ti):
+      # u = -sigma(t)^T grad V, row by row (sigma may depend on t; am_loss passes every (k, b) pair at once).
+      sig = problem.sigma(ti)
+      return sig * v if sig.ndim == 1 else v @ sig
+
+    def apply_fn(p, x, t):
+      return -jax.vmap(sigma_t)(net_apply(p, x, s_of_t(t)), t)
+
+    return apply_fn, params
   raise ValueError(f"config.control_net = {control_net!r}: expected one of {CONTROL_NETS}.")
 
 
@@ -183,9 +206,10 @@ def method_objective(method: str, config) -> Callable:
 
 
 def control_from_config(problem: soc.SOCProblem, config, seed: Optional[int] = None):
-  """``init_control`` with the config's net (hidden, time_scale, control_net, time_feature) and seed."""
+  """``init_control`` with the config's net (hidden, time_scale, control_net, time_feature, init_scale) and seed."""
   return init_control(problem, config.hidden, config.seed if seed is None else seed, config.time_scale,
-                      control_net=config.control_net, time_feature=config.time_feature)
+                      control_net=config.control_net, time_feature=config.time_feature,
+                      init_scale=config.init_scale)
 
 
 def problem_from_config(config) -> soc.SOCProblem:
@@ -237,9 +261,12 @@ def train_method(method: str, problem: soc.SOCProblem, config, on_record: Option
   records, key = [], jax.random.PRNGKey(seed + 1)
   train_seconds, compile_seconds, loss = 0.0, 0.0, math.nan
   budget = config.time_budget_s or math.inf
+  # Parameter EMA (ema_decay > 0): evaluated instead of the raw params; its update is part of the training clock.
+  ema = params if config.ema_decay else None
+  ema_update = jax.jit(lambda e, p: optax.incremental_update(p, e, 1.0 - config.ema_decay))
 
   def log_eval(it):
-    stats = {k: float(v) for k, v in evaluate(params).items()}
+    stats = {k: float(v) for k, v in evaluate(params if ema is None else ema).items()}
     rec = dict(method=method, seed=seed, iteration=it, train_seconds=train_seconds, loss=float(loss), **stats)
     records.append(rec)
     if on_record is not None:
@@ -253,6 +280,8 @@ def train_method(method: str, problem: soc.SOCProblem, config, on_record: Option
     for _ in range(segment):
       key, sub = jax.random.split(key)
       params, opt_state, loss = step(params, opt_state, sub)
+      if ema is not None:
+        ema = ema_update(ema, params)
       it += 1
       if it == 1:
         # The first call compiles; keep it out of the training clock.

@@ -58,6 +58,20 @@ adjoint (soc.bootstrapped_adjoint), lr 1e-2, 1000 iterations.  All three methods
   Before issue 16 (plain MLP, lr 3e-3, 500 iterations) every method stayed at 0.65: the AM target was
   noise-dominated and the plain net slow to represent the control that lives in the last ~5 % of [0, T].
 
+Equal architecture (issue 16 item 3): ``--config=configs/soc.py:NAME,net=socm`` swaps in the SOC-matching
+authors' control network (``am_jax.soc_networks.SOCMatchingUNet``: grad V from raw (t, x), u = -sigma^T grad V,
+PyTorch-default init), their optimiser (Adam 1e-4 constant, eps 1e-4) and their batch / K (linear OU 64 / 100,
+quadratic 128 / 50, double well 128 / 200), 2000 iterations (the issue's comparison point; their README runs
+60000-80000).  ``NAME,net=socm,opt=amjax`` keeps their net, init, batch and K but the problem's shipped
+optimiser (e.g. linear OU: Adam 1e-3, cosine to 1 %).  Loss, adjoint and evaluation stay am_jax's.  Linear OU,
+AM, seed 0, 2-core shared CPU at load ~14 (2026-11-26, docs/soc.md):
+
+    python -m experiments.soc --config=configs/soc.py:linear_ou,net=socm --config.methods='("am",)' \
+        --workdir=runs/eqarch/lou_socm
+
+  Measured 0.0082 at it 2000 (below the 0.015 of SOC matching's own code quoted in issue 16; 0.85 s/it at
+  load 14-19); with ``net=socm,opt=amjax`` and --config.num_iterations=600: 0.0081 at it 600 (docs/soc.md).
+
 Self-contained (no imports from ``configs``): the configs are installed as package data.
 """
 import ml_collections
@@ -75,20 +89,48 @@ _OVERRIDES = {
 }
 
 
-def _variant(arg) -> str:
-  """The problem named by ``arg``: ``NAME`` or ``problem=NAME`` (one-line ValueError otherwise)."""
-  text = (arg or "").strip()
-  if text.startswith("problem="):
-    text = text[len("problem="):]
-  if text not in VARIANTS:
+# net=socm: the SOC-matching authors' control network, init and optimiser (their public code, facts in
+# am_jax/soc_networks.py) with their per-problem batch and K; everything else (problem, loss, evaluation) is
+# am_jax's.  2000 iterations: the comparison point of issue 16 (their README runs 60000-80000).
+_SOCM_COMMON = dict(control_net="socm", hidden=(256, 128, 64), time_feature="linear", time_scale=1.0,
+                    init_scale=1.0, learning_rate=1e-4, lr_schedule="constant", adam_eps=1e-4, grad_clip=0.0,
+                    td_lambda=1.0, num_iterations=2000, eval_every=200)
+_SOCM = {
+    "linear_ou": dict(batch_size=64, num_steps=100),
+    "quadratic_easy": dict(batch_size=128, num_steps=50),
+    "quadratic_hard": dict(batch_size=128, num_steps=50),
+    "double_well": dict(batch_size=128, num_steps=200),
+}
+# Options after the problem name (``NAME,key=value,...``) and their values; the first value is the default.
+OPTIONS = {"net": ("default", "socm"),    # socm: the SOC-matching net, init, optimiser, batch and K (_SOCM)
+           "opt": ("socm", "amjax")}      # with net=socm: amjax keeps the problem's shipped optimiser instead
+_OPTIMISER_FIELDS = ("learning_rate", "lr_schedule", "lr_final_fraction", "adam_eps", "grad_clip")
+
+
+def _parse(arg):
+  """``NAME[,net=NET][,opt=OPT]`` (or ``problem=NAME,...``) -> (problem, options); one-line ValueError otherwise."""
+  parts = [p.strip() for p in (arg or "").split(",")]
+  problem, options = parts[0], {k: v[0] for k, v in OPTIONS.items()}
+  if problem.startswith("problem="):
+    problem = problem[len("problem="):]
+  if problem not in VARIANTS:
     raise ValueError(f"configs/soc.py needs a problem: --config=configs/soc.py:NAME with NAME one of "
                      f"{', '.join(VARIANTS)} (got {arg!r}).")
-  return text
+  for part in parts[1:]:
+    key, _, value = part.partition("=")
+    if value not in OPTIONS.get(key, ()):
+      raise ValueError(f"configs/soc.py:{arg}: unknown option {part!r}; expected "
+                       + "; ".join(f"{k}=" + "|".join(v) for k, v in OPTIONS.items()) + ".")
+    options[key] = value
+  if options["opt"] != "socm" and options["net"] != "socm":
+    raise ValueError(f"configs/soc.py:{arg}: opt= only applies with net=socm.")
+  return problem, options
 
 
 def get_config(arg=None):
+  problem, options = _parse(arg)
   c = ml_collections.ConfigDict()
-  c.problem = _variant(arg)
+  c.problem = problem
   c.methods = ("am", "discrete_adjoint", "continuous_adjoint")  # names of the method registry (soc.METHODS)
   c.num_iterations = 0              # per problem (_OVERRIDES)
   c.batch_size = 64
@@ -109,5 +151,13 @@ def get_config(arg=None):
   c.time_feature = "linear"         # the net's time input: 'linear' (time_scale t) or 'log_time_to_go'
   c.td_lambda = 1.0                 # AM only: 1 = lean adjoint; < 1 = soc.bootstrapped_adjoint (TD(lambda))
   c.num_seeds = 1                   # seeds seed, seed + 1, ...: mean / std / min / max across them
+  c.adam_eps = 1e-8                 # Adam's epsilon (optax default; SOC matching uses 1e-4)
+  c.init_scale = 1.0                # control_net='socm' only: scale of the PyTorch-default initialisation
+  c.ema_decay = 0.0                 # > 0: evaluate an exponential moving average of the params (0: off)
   c.update(_OVERRIDES[c.problem])
+  if options["net"] == "socm":
+    shipped = {f: c[f] for f in _OPTIMISER_FIELDS}
+    c.update(_SOCM_COMMON, **_SOCM[c.problem])
+    if options["opt"] == "amjax":  # their net, init, batch and K; the problem's shipped optimiser
+      c.update(shipped)
   return c
