@@ -43,7 +43,8 @@ def network_passes(method: str, am: losses.AMConfig, dim: int, **options) -> dic
   """Network passes per trajectory per step: forward (F) and backward / VJP (B) passes, fine-tuned + base nets.
 
   K = num_steps, M = loss time steps.  am / am_const_sigma: K F (sampling) + K (F + B) base VJPs (lean adjoint) +
-  M (F + B) fine-tuned + M F base (loss).  basic_am: the full adjoint differentiates the fine-tuned AND base drift
+  M (F + B) fine-tuned + M F base (loss; 0 with ``AMConfig.reuse_base_velocity``, solver 'scan' and no remat: the
+  lean adjoint's VJPs already evaluated the base there).  basic_am: the full adjoint differentiates the fine-tuned AND base drift
   (2K (F + B)).  continuous_adjoint: full adjoint + the surrogate on all K steps (K (F + B) fine-tuned + K F base).
   discrete_adjoint: K F of each net, backprop through both (2K B).  draft: K F + k B.  refl: K F + one F + B.
   eam (n sampler steps, m regression times, P = dim (exact divergence) or 1 (Hutchinson)): weighted midpoint: per
@@ -56,7 +57,8 @@ def network_passes(method: str, am: losses.AMConfig, dim: int, **options) -> dic
   k = am.num_steps
   m = am.num_random_timesteps + am.num_last_timesteps
   if method in ("am", "am_const_sigma"):
-    f, b = 2 * k + 2 * m, k + m
+    reused = am.reuse_base_velocity and am.solver == "scan" and not am.remat_segments
+    f, b = 2 * k + m + (0 if reused else m), k + m
   elif method == "basic_am":
     f, b = 3 * k + 2 * m, 2 * k + m
   elif method == "continuous_adjoint":

@@ -1,6 +1,7 @@
 """``am_jax.comparison.network_passes``: the forward / VJP passes per step of every run of the comparison, checked
 by counting the calls of instrumented networks (the runs themselves: tests/integration/test_comparison.py)."""
 import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +65,22 @@ def _replay_callbacks(jaxpr, times=1):
 def test_network_passes_counts_the_network_calls(method, options):
   """``compare.network_passes`` = the forward and VJP passes of the fine-tuned and base nets in one gradient step,
   counted by instrumenting both nets (rows processed / batch)."""
+  _check_network_passes(method, options, losses.AMConfig(num_steps=6, num_random_timesteps=2, num_last_timesteps=2,
+                                                         loss_clip=None))
+
+
+def test_network_passes_without_reusing_the_base_velocity():
+  """am evaluating the base again at the loss points: M more base forwards, counted."""
+  am = losses.AMConfig(num_steps=6, num_random_timesteps=2, num_last_timesteps=2, reuse_base_velocity=False)
+  _check_network_passes("am", {}, am)
+  assert (compare.network_passes("am", am, 2)["forward"]
+          == compare.network_passes("am", dataclasses.replace(am, reuse_base_velocity=True), 2)["forward"] + 4)
+
+
+def _check_network_passes(method, options, am):
   counts, batch, dim = collections.Counter(), 4, 2
   net = lambda w, x, t: jnp.tanh(x @ w + t[:, None])  # noqa: E731
   ft, base = _counted(net, "ft", counts), _counted(net, "base", counts)
-  am = losses.AMConfig(num_steps=6, num_random_timesteps=2, num_last_timesteps=2, loss_clip=None)
   objective = methods.build(method, am, **options)
   reward = rewards.quadratic_reward(0.5 * jnp.eye(dim), jnp.ones(dim))
   step = jax.grad(lambda w: objective(ft, w, base, 0.3 * jnp.eye(dim), reward, jax.random.PRNGKey(0),
