@@ -572,16 +572,20 @@ def evaluate(cfg, workdir: str, problem: Problem, params) -> dict:
   key = jax.random.PRNGKey(cfg.seed + 99)
   k_cond, k_x = jax.random.split(key)
   cond = tuple(problem.cond_fn(k_cond, n)) if problem.cond_fn is not None else ()
-  draw = jax.jit(lambda p, which, diffusion: problem.sample(p, k_x, n, diffusion, k_steps, cond, which),
-                 static_argnums=(1, 2))
-  samples = {"base_ode": draw(problem.base_params, "base", "ode"), "finetuned_ode": draw(params, "finetuned", "ode"),
-             "finetuned_memoryless": draw(params, "finetuned", "memoryless")}
+
+  def sample_and_report(p, which, diffusion):  # one program per setting (eager rewards: one per operation)
+    x = problem.sample(p, k_x, n, diffusion, k_steps, cond, which)
+    return x, jnp.all(jnp.isfinite(x)), problem.reward_report(x, cond)
+
+  draw = jax.jit(sample_and_report, static_argnums=(1, 2))
+  drawn = {"base_ode": draw(problem.base_params, "base", "ode"), "finetuned_ode": draw(params, "finetuned", "ode"),
+           "finetuned_memoryless": draw(params, "finetuned", "memoryless")}
+  samples = {name: x for name, (x, _, _) in drawn.items()}
   out = {}
-  for name, x in samples.items():
-    x = jnp.asarray(x)
-    if not bool(jnp.all(jnp.isfinite(x))):
+  for name, (_, finite, report) in drawn.items():
+    if not bool(finite):
       raise FloatingPointError(f"evaluation: {name} samples are not finite (diverged fine-tuning?).")
-    for k, v in problem.reward_report(x, cond).items():
+    for k, v in report.items():
       out[f"{k}_mean_{name}" if k == "reward" else f"{k}/{name}"] = float(v)
   target = problem.exact_target
   target_samples = None
@@ -664,13 +668,17 @@ def sample(cfg, workdir: str, diffusion: str = "ode", num_samples: int = 10_000,
   key = jax.random.PRNGKey(seed)
   k_cond, _ = jax.random.split(key)
   cond = tuple(problem.cond_fn(k_cond, num_samples)) if problem.cond_fn is not None else ()
-  xs = jax.jit(lambda p: problem.sample(p, key, num_samples, diffusion, k, cond=cond, which=which))(params)
+
+  def sample_and_report(p):  # one program (eager rewards: one per operation)
+    x = problem.sample(p, key, num_samples, diffusion, k, cond=cond, which=which)
+    return x, problem.reward_report(x, cond)
+
+  xs, report = jax.jit(sample_and_report)(params)
   xs = np.asarray(xs)
   if not np.all(np.isfinite(xs)):
     raise FloatingPointError(f"sample: the {which} model produced non-finite samples.")
   out = {"which": which, "diffusion": str(diffusion), "num_steps": k}
-  out.update({f"{n}_mean" if n == "reward" else n: float(v)
-              for n, v in problem.reward_report(jnp.asarray(xs), cond).items()})
+  out.update({f"{n}_mean" if n == "reward" else n: float(v) for n, v in report.items()})
   target = problem.exact_target
   if target is not None:
     ref = np.asarray(gmm_lib.sample(target, jax.random.PRNGKey(seed + 1), num_samples))

@@ -19,10 +19,10 @@ import pytest  # noqa: E402
 DEFAULT_WORKERS = 2
 # Files handed out first (longest first: the last file a worker gets is then a short one).  CPU seconds measured on
 # 2026-11-26 (BUILD_NOTES.md section 10); the rest follow in collection order.  Only the schedule depends on it.
-HEAVY_FIRST = ("integration/test_training_system.py", "test_soc.py", "integration/test_mnist_monitor.py",
-               "integration/test_digits_pipeline.py", "integration/test_mnist_pipeline.py",
-               "methods/test_efficient_am.py", "test_integrators.py", "test_losses.py", "methods/test_registry.py",
-               "test_training.py", "test_sampling.py", "test_golden.py")
+HEAVY_FIRST = ("integration/test_training_system.py", "test_soc.py", "integration/test_digits_pipeline.py",
+               "integration/test_mnist_pipeline.py", "methods/test_efficient_am.py", "test_losses.py",
+               "test_integrators.py", "methods/test_registry.py", "test_training.py", "test_golden.py",
+               "integration/test_mnist_monitor.py", "test_sampling.py", "test_toy.py")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -48,9 +48,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
-  """One tiny 2-D ring base (``tests.launch_helpers.tiny_config``), pre-trained once per test session."""
+  """One tiny 2-D ring base (``tests.launch_helpers.tiny_config``), pre-trained once per test session (without the
+  base's evaluation against the data, ``eval.at_end``: no test reads it)."""
   from am_jax import jobs
   from tests.launch_helpers import tiny_config
   d = str(tmp_path_factory.mktemp("tiny_base"))
-  jobs.pretrain(tiny_config(**{"mesh.num_devices": 1}), d)
+  jobs.pretrain(tiny_config(**{"mesh.num_devices": 1, "eval.at_end": False}), d)
   return d

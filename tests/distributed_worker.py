@@ -14,6 +14,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, ".")
+# No TensorBoard summaries (not checked here): importing tensorboardX imports torch where torch is installed, ~2 s
+# of start-up per process; reporting.MetricsWriter skips TensorBoard when tensorboardX cannot be imported.
+sys.modules["tensorboardX"] = None
 from tests.launch_helpers import DISTRIBUTED_OVERRIDES, tiny_config  # noqa: E402
 
 

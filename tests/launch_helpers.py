@@ -37,11 +37,29 @@ def tiny_config(**overrides):
   return c
 
 
+def tiny_mnist_config(arg: str, method: str, lam: float, steps: int, window: int = 4, margin: float = 0.5):
+  """``mnist.py:arch=dit,<arg>,param=lora`` shrunk (the SHIPPED DiT base, LoRA, 6-step grid, batch 8, lr 3e-3) with
+  the gold rewards watched on 16 fixed samples every step by a monitor of ``window`` evaluations and ``margin``;
+  16 evaluation samples at the end (tests/integration/test_mnist_monitor.py, test_mnist_pipeline.py)."""
+  from am_jax import launch
+  cfg = launch.load_config(f"mnist.py:arch=dit,{arg},param=lora")
+  cfg.mesh.num_devices = 1
+  cfg.method.name = method
+  cfg.am.reward_multiplier = lam
+  cfg.am.num_steps = cfg.eval.num_steps = 6
+  cfg.finetune.steps, cfg.finetune.batch_size, cfg.finetune.log_every = steps, 8, 1
+  cfg.finetune.optimizer.learning_rate, cfg.finetune.optimizer.warmup_steps = 3e-3, 0
+  cfg.eval.every, cfg.eval.watch_samples, cfg.eval.num_samples = 1, 16, 16
+  cfg.eval.monitor.window, cfg.eval.monitor.margin, cfg.eval.monitor.min_rise = window, margin, 0.0
+  cfg.checkpoint.async_save = False
+  return cfg
+
+
 # The 2-process test's job: pre-training and fine-tuning cut to a few steps (each process pays its own JAX start-up
-# and compilations; the numbers, not the quality, are compared).
+# and compilations; the numbers, not the quality, are compared: no end-of-run evaluation, ``eval.at_end``).
 DISTRIBUTED_OVERRIDES = {"pretrain.steps": 4, "pretrain.log_every": 2, "pretrain.checkpoint.every_steps": 2,
                          "finetune.steps": 6, "finetune.log_every": 3, "checkpoint.every_steps": 3,
-                         "eval.num_samples": 64}
+                         "eval.at_end": False}
 
 
 def free_port() -> int:

@@ -49,6 +49,16 @@ def test_validate_finetune_names_the_field(field, value, match):
     builders.validate_finetune(cfg, num_devices=4)
 
 
+def test_eval_at_end_must_be_a_bool():
+  """``eval.at_end`` (skip the final evaluation when False) from a config that declares it with another type."""
+  import ml_collections
+  cfg = tiny_config(base_checkpoint="(random init)")
+  builders.validate_finetune(cfg, num_devices=4)
+  cfg.eval = ml_collections.ConfigDict(dict(cfg.eval.to_dict(), at_end="no"))
+  with pytest.raises(builders.ConfigError, match=r"config\.eval\.at_end = 'no': must be True or False"):
+    builders.validate_finetune(cfg, num_devices=4)
+
+
 def test_am_config_from_config():
   am = builders.build_am_config(tiny_config(**{"am.remat_segments": 4, "am.chunk_loss": True,
                                                "am.network_dtype": "bfloat16", "am.reward_multiplier": 3.0}))

@@ -6,6 +6,7 @@ on a U-Net tests/test_lora.py; reloading a run takes the config stored with its 
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +30,8 @@ def test_tiny_digits_pipeline(tmp_path):
   summary = image_eval.train_reward_classifiers(rc, reward_dir)
   assert 0.0 <= summary["A_test_accuracy"] <= 1.0
   apply_b, _, params_b, info = builders.load_classifier(reward_dir, "B")
-  assert info["arch"] == "wide_cnn" and apply_b(params_b, jnp.zeros((2, 8, 8, 1))).shape == (2, 10)
+  # (jitted: one program; eagerly every convolution compiles on its own)
+  assert info["arch"] == "wide_cnn" and jax.jit(apply_b)(params_b, jnp.zeros((2, 8, 8, 1))).shape == (2, 10)
 
   fc = digits_finetune.get_config()
   fc.model.update(UNET)

@@ -8,11 +8,12 @@ collapses (11.4 -> 4.5 px), and the monitor flags it (measured: first flag at st
 At 13-14 steps the whole frame is above the threshold and the gold width jumps to 25-27 px: the flag belongs to
 the window in between.
 
-Quiet: Adjoint Matching at lambda = 4 on the class reward from the null label, same monitor: the trained reward
-log p_A(3 | x) and its gold twin log p_B(3 | x) rise together (measured on the 16 watched samples: -8.4 -> -4.3
-and -2.8 -> -1.3 in 6 steps).  (AM on the thickness reward hardly moves it at this size: lambda 4, lr 3e-4,
-+0.06 px in 10 steps; lr 1e-3 to 3e-3, up 0.2-0.3 px then back below the start; it would be quiet for want of
-change, so the quiet run uses the class reward, which does rise.)
+Quiet (``test_monitor_stays_quiet_when_am_raises_reward_and_gold_together`` in test_mnist_pipeline.py, which
+shares the pipeline's run): Adjoint Matching at lambda = 4 on the class reward from the null label, same monitor:
+the trained reward log p_A(3 | x) and its gold twin log p_B(3 | x) rise together (measured on the 16 watched
+samples: -8.4 -> -4.3 and -2.8 -> -1.3 in 6 steps).  (AM on the thickness reward hardly moves it at this size:
+lambda 4, lr 3e-4, +0.06 px in 10 steps; lr 1e-3 to 3e-3, up 0.2-0.3 px then back below the start; it would be
+quiet for want of change, so the quiet run uses the class reward, which does rise.)
 
 Both use margin = 0.5 (the reward's own units: px, nats) over a window of 4 evaluations; ~25-40 s each on 2
 shared CPU cores.  At full size (U-Net, 200 steps x 32 on a GPU, ``am-jax sweep --config=mnist_sweep.py:size=full``)
@@ -21,23 +22,10 @@ AM's gold curves wobble by up to 0.19 nat on 64 samples, which is why the sweep'
 import json
 import os
 
-from am_jax import jobs, launch
+from am_jax import jobs
+from tests import launch_helpers
 
 WINDOW, MARGIN = 4, 0.5
-
-
-def _tiny(arg: str, method: str, lam: float, steps: int):
-  cfg = launch.load_config(f"mnist.py:arch=dit,{arg},param=lora")
-  cfg.mesh.num_devices = 1
-  cfg.method.name = method
-  cfg.am.reward_multiplier = lam
-  cfg.am.num_steps = cfg.eval.num_steps = 6
-  cfg.finetune.steps, cfg.finetune.batch_size, cfg.finetune.log_every = steps, 8, 1
-  cfg.finetune.optimizer.learning_rate, cfg.finetune.optimizer.warmup_steps = 3e-3, 0
-  cfg.eval.every, cfg.eval.watch_samples, cfg.eval.num_samples = 1, 16, 16
-  cfg.eval.monitor.window, cfg.eval.monitor.margin, cfg.eval.monitor.min_rise = WINDOW, MARGIN, 0.0
-  cfg.checkpoint.async_save = False
-  return cfg
 
 
 def _curves(work: str, gold: str):
@@ -47,7 +35,9 @@ def _curves(work: str, gold: str):
 
 def test_monitor_fires_when_refl_hacks_the_soft_thickness(tmp_path, capsys):
   work = str(tmp_path / "refl")
-  summary = jobs.finetune(_tiny("reward=thickness", "refl", 1.0, 12), work)
+  cfg = launch_helpers.tiny_mnist_config("reward=thickness", "refl", 1.0, 12, WINDOW, MARGIN)
+  cfg.eval.at_end = False  # the monitor runs during training (final evaluation: test_mnist_pipeline.py)
+  summary = jobs.finetune(cfg, work)
   assert summary["hacking_detected"] is True, summary
   first = summary["first_flagged_step"]["thickness"]
   assert WINDOW <= first <= 12 and summary["num_flagged"]["thickness"] >= 1
@@ -58,14 +48,3 @@ def test_monitor_fires_when_refl_hacks_the_soft_thickness(tmp_path, capsys):
   assert "warning: reward hacking suspected" in capsys.readouterr().err
   with open(os.path.join(work, "metrics.json")) as f:
     assert json.load(f)["hacking_detected"] is True
-
-
-def test_monitor_stays_quiet_when_am_raises_reward_and_gold_together(tmp_path, capsys):
-  work = str(tmp_path / "am")
-  summary = jobs.finetune(_tiny("reward=class", "am", 4.0, 6), work)
-  assert summary["hacking_detected"] is False, summary
-  assert summary["num_flagged"] == {"class": 0} and summary["first_flagged_step"] == {"class": None}
-  curves = _curves(work, "class")
-  # The monitor had something to watch: both rewards rose a lot over the evaluated windows.
-  assert curves[6][0] > curves[1][0] + 3.0 and curves[6][1] > curves[1][1] + 1.0, curves
-  assert "reward hacking suspected" not in capsys.readouterr().err
