@@ -45,9 +45,10 @@ def make_optimizer(name: str = "adam", learning_rate: float = 1e-3, warmup_steps
     raise ValueError(f"optimizer.warmup_steps must be >= 0, got {warmup_steps}.")
   if decay not in ("constant", "cosine"):
     raise ValueError(f"optimizer.decay must be 'constant' or 'cosine', got {decay!r}.")
-  if decay == "cosine":
-    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
-                                               max(total_steps, warmup_steps + 1))
+  if decay == "cosine" and not warmup_steps:  # no warm-up: the first step already runs at the peak rate
+    sched = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  elif decay == "cosine":
+    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
   elif warmup_steps:
     sched = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
                                   optax.constant_schedule(learning_rate)], [warmup_steps])

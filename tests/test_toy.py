@@ -112,3 +112,29 @@ def test_2d_ring_quadratic_reward_reaches_tilted_target():
   assert ev["distance"] < 0.12, ev["distance"]
   assert base_ev["distance"] > 2 * ev["distance"], (base_ev["distance"], ev["distance"])
   np.testing.assert_allclose(ev["mode_mass"], np.asarray(target.weights), atol=0.06)
+
+
+def test_learning_rate_schedules_decay_to_zero():
+  for name in ("cosine", "linear"):
+    sched = toy.learning_rate_schedule(1e-3, 100, name)
+    assert float(sched(0)) == pytest.approx(1e-3) and float(sched(100)) == pytest.approx(0.0, abs=1e-12), name
+  assert toy.learning_rate_schedule(1e-3, 100, "constant") == 1e-3
+  with pytest.raises(ValueError, match="lr_schedule"):
+    toy.learning_rate_schedule(1e-3, 100, "step")
+  with pytest.raises(ValueError, match="ema_decay"):
+    toy.finetune_mixture(BASE, rewards.linear_reward(1.0), ema_decay=1.0)
+
+
+def test_ema_params_are_the_debiased_average_of_the_iterates():
+  """ema_decay = d, two steps: the evaluated params are (d p_1 + p_2) / (1 + d), p_k the raw iterates (which the EMA
+  does not change)."""
+  config = losses.AMConfig(num_steps=4, num_random_timesteps=2, num_last_timesteps=2)
+  kw = dict(steps=2, batch_size=16, hidden=(8,), seed=0, log_fn=None)
+  iterates = []
+  toy.finetune_mixture(BASE, rewards.linear_reward(1.0), config, log_every=1,
+                       eval_fn=lambda apply_fn, p: iterates.append(p) or {}, **kw)
+  res = toy.finetune_mixture(BASE, rewards.linear_reward(1.0), config, ema_decay=0.5, **kw)
+  expected = jax.tree.map(lambda a, b: (0.5 * a + b) / 1.5, *iterates)
+  for got, want in zip(jax.tree.leaves(res.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert res.cpu_seconds >= 0.0
