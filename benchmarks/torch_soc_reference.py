@@ -501,15 +501,7 @@ def check_against_jax(name: str, net: str = "socm", key=None, **build_kw) -> dic
 # Timing
 
 
-def torch_runner(ref: TorchSOC, threads: int):
-  torch = ref.torch
-
-  def run():
-    if torch.get_num_threads() != threads:
-      torch.set_num_threads(threads)
-    return ref.step()
-
-  return run
+torch_runner = tr.torch_runner  # any reference with .torch and .step(): ``ref.step`` at a torch thread count
 
 
 def _speedups(times, num, den, key):
