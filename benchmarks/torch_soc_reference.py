@@ -59,7 +59,6 @@ forward + backward at the K B loss points; ``jax_floor_runner`` / ``torch_floor_
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -72,7 +71,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from am_jax import soc, soc_training
+from am_jax import launch, soc, soc_training
 from benchmarks import common
 from benchmarks import torch_reference as tr
 
@@ -80,15 +79,11 @@ PROBLEMS = ("linear_ou", "quadratic_easy", "quadratic_hard", "double_well")
 NETS = ("socm", "default")
 LOSSES = ("am", "socm_adjoint")
 TORCH_NETS = ("socm", "mlp")  # control_net values mirrored in torch
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(problem: str, net: str = "socm"):
-  """``configs/soc.py:<problem>,net=<net>`` (loaded from the file, like ``experiments/soc.py``)."""
-  spec = importlib.util.spec_from_file_location("soc_config", os.path.join(REPO, "configs", "soc.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f"{problem},net={net}")
+  """``configs/soc.py:<problem>,net=<net>`` (``launch.load_config``, as ``experiments/soc.py`` reads it)."""
+  return launch.load_config(f"soc.py:{problem},net={net}")
 
 
 # ----------------------------------------------------------------------------------------------

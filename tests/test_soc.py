@@ -3,9 +3,7 @@ run on Linear OU, configs/soc.py and the launcher experiments/soc.py."""
 import copy
 import csv
 import dataclasses
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from am_jax import methods, models, sampling, soc, soc_training
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from am_jax import launch, methods, models, sampling, soc, soc_training
 
 
 def _hamiltonian_riccati(A, P, Q, S, T, t):
@@ -401,10 +397,7 @@ def test_am_reaches_issue_16_targets(name, threshold):
 
 
 def _load_config(arg):
-  spec = importlib.util.spec_from_file_location("soc_config", os.path.join(REPO, "configs", "soc.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return launch.load_config(f"soc.py:{arg}")
 
 
 def test_config_variants():

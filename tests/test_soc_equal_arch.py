@@ -2,9 +2,7 @@
 the SOC table writer (benchmarks/soc_tables.py)."""
 import copy
 import csv
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,16 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from am_jax import models, sampling, soc, soc_networks, soc_training
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from am_jax import launch, models, sampling, soc, soc_networks, soc_training
 
 
 def _load_config(arg):
-  spec = importlib.util.spec_from_file_location("soc_config", os.path.join(REPO, "configs", "soc.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return launch.load_config(f"soc.py:{arg}")
 
 
 def test_socm_net_shapes_and_init():
