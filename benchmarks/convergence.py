@@ -236,6 +236,8 @@ def settings():
       "constant (today)": ({}, {}),
       "cosine decay": (dict(lr_schedule="cosine"), {}),
       "cosine, lr 3e-3 + EMA 0.99": (dict(lr_schedule="cosine", learning_rate=3e-3, ema_decay=0.99), {}),
+      "cosine, lr 2e-2 + EMA 0.99 (toy.TUNED_OPTIMISER)": (dict(toy.TUNED_OPTIMISER), {}),
+      "cosine, lr 1e-2 + EMA 0.99": (dict(lr_schedule="cosine", learning_rate=1e-2, ema_decay=0.99), {}),
       "constant + EMA 0.99": (dict(ema_decay=0.99), {}),
       "cosine, batch x2": (dict(lr_schedule="cosine", batch_mult=2), {}),
       "cosine, all 40 loss times": (dict(lr_schedule="cosine"), all_times),
@@ -381,10 +383,137 @@ def main_markdown(res):
                  f"{s['pretrain_seconds']['mean']:.0f} |")
   return "\n".join(lines)
 
+# ------------------------------------------------------------------------------------------------ speed
+SPEED_THRESHOLDS = (0.10, 0.08, 0.06, 0.05, 0.04)
+
+
+def speed_settings():
+  """name -> finetune_mixture kwargs: the default before issue 14 vs the tuned optimiser (``toy.TUNED_OPTIMISER``,
+  peak 2e-2) at 3 schedule lengths and the main job's peak 1e-2."""
+  tuned = dict(toy.TUNED_OPTIMISER)
+  return {
+      # a constant rate's run does not depend on its length: its first 1000 steps ARE the old default's run.
+      "Adam 1e-3 constant, 3000 steps (before; 3x its budget)": dict(steps=3000),
+      "tuned, 1000 steps": dict(tuned, steps=1000),
+      "cosine from 1e-2 + EMA 0.99 (configs/gmm2d.py), 1000 steps": dict(tuned, learning_rate=1e-2, steps=1000),
+      "tuned, 500 steps": dict(tuned, steps=500),
+      "tuned, 250 steps": dict(tuned, steps=250),
+  }
+
+
+def _sampler_eval(target, every_samples=20000, config=losses.AMConfig()):
+  """eval_fn for finetune_mixture: sliced W1 (2-D) / W1 to the CDF (1-D) of ODE samples on the training grid; one
+  compiled sampler per apply_fn (the timing excludes it: finetune_mixture stops its clock around eval_fn)."""
+  cache = {}
+  k_model, k_ref = jax.random.split(jax.random.PRNGKey(1))
+  ref = np.asarray(gmm.sample(target, k_ref, every_samples))
+
+  def eval_fn(apply_fn, params):
+    if apply_fn not in cache:
+      cache.clear()
+      cache[apply_fn] = jax.jit(lambda p: sampling.sample(apply_fn, p, k_model, (every_samples, target.dim),
+                                                          config.schedule, "ode", config.num_steps,
+                                                          config.time_offset))
+    xs = np.asarray(cache[apply_fn](params))
+    if target.dim == 1:
+      return {"distance": float(metrics.wasserstein1_to_cdf(xs, lambda z: np.asarray(gmm.cdf_1d(target, z))))}
+    return {"distance": float(metrics.sliced_wasserstein1(xs, ref))}
+  return eval_fn
+
+
+def _reach_times(curve):
+  """{threshold: first wall-clock at which the distance is <= threshold} and {threshold: wall-clock from which every
+  later evaluation stays <= threshold} (None: never).  The second is the accuracy a run can be stopped at without
+  luck: a noisy run dips below a threshold long before it stays there."""
+  first, stays = {}, {}
+  for thr in SPEED_THRESHOLDS:
+    hit = [w for _, w, d in curve if d <= thr]
+    first[str(thr)] = hit[0] if hit else None
+    settled = None
+    for _, w, d in reversed(curve):
+      if d > thr:
+        break
+      settled = w
+    stays[str(thr)] = settled
+  return first, stays
+
+
+SPEED_EVAL_EVERY = 25
+
+
+def speed(seeds=(0, 1, 2), only=("2d_ring",), eval_every=SPEED_EVAL_EVERY):
+  """Wall-clock (training only, evaluations excluded) at which each setting first reaches each accuracy.
+
+  Seeds are interleaved across settings (setting A seed 0, setting B seed 0, ...) so that a load change on the
+  shared machine hits every setting alike.
+  """
+  out = {}
+  for name, (base, reward, target, pkw) in problems(only).items():
+    eval_fn = _sampler_eval(target)
+    runs = {s: [] for s in speed_settings()}
+    for seed in seeds:
+      for sname, kw in speed_settings().items():
+        kw = dict(kw)
+        steps = kw.pop("steps")
+        res = toy.finetune_mixture(base, reward, losses.AMConfig(), steps=steps, seed=seed, log_fn=None,
+                                   log_every=eval_every, eval_fn=eval_fn, **dict(pkw, **kw))
+        curve = [(step, h["wall_s"], h["distance"]) for step, h in sorted(res.history.items())]
+        first, stays = _reach_times(curve)
+        runs[sname].append(dict(seed=seed, steps=steps, final=curve[-1][2], train_seconds=res.seconds,
+                                cpu_seconds=res.cpu_seconds, first_reached_s=first, stays_below_s=stays, curve=curve))
+        print(f"{name} [{sname}] seed {seed}: final {curve[-1][2]:.4f} in {res.seconds:.1f} s; reached and stays "
+              + ", ".join(f"{t}: {'-' if v is None else f'{v:.1f} s'}" for t, v in stays.items()), flush=True)
+    rows = {}
+    for sname, rs in runs.items():
+      row = {"final": _summary([r["final"] for r in rs]), "train_seconds": _summary([r["train_seconds"] for r in rs]),
+             "runs": rs, "first_reached_s": {}, "stays_below_s": {}}
+      for key in ("first_reached_s", "stays_below_s"):
+        for thr in SPEED_THRESHOLDS:
+          vals = [r[key][str(thr)] for r in rs]
+          # A setting "reaches" an accuracy only if every seed does; the time is then the mean over seeds.
+          row[key][str(thr)] = None if any(v is None for v in vals) else _summary(vals)
+      rows[sname] = row
+    out[name] = rows
+  return out
+
+
+def speed_markdown(res):
+  before_name = "Adam 1e-3 constant, 3000 steps (before; 3x its budget)"
+  lines = []
+  for name, rows in res.items():
+    for key, what in (("stays_below_s", "from which the distance stays below"),
+                      ("first_reached_s", "at which the distance first drops below (one dip is enough: favours noisy "
+                                          "runs)")):
+      head = " | ".join(f"{t}" for t in SPEED_THRESHOLDS)
+      lines += [f"**{name}: training wall-clock (s) {what} each accuracy** (ODE samples on "
+                f"the K = 40 grid vs the exact tilt, evaluated every {SPEED_EVAL_EVERY} steps, evaluations excluded from the clock; "
+                f"every seed must reach it; mean ± std over seeds)", "",
+                f"| setting | final distance | training s | {head} |",
+                "|---|---|---|" + "---|" * len(SPEED_THRESHOLDS)]
+      for sname, r in rows.items():
+        cells = " | ".join("not reached" if r[key][str(t)] is None else _pm(r[key][str(t)], 1)
+                           for t in SPEED_THRESHOLDS)
+        lines.append(f"| {sname} | {_pm(r['final'])} | {r['train_seconds']['mean']:.1f} | {cells} |")
+      before = rows.get(before_name)
+      if before:
+        lines.append("")
+        for thr in SPEED_THRESHOLDS:
+          b = before[key][str(thr)]
+          best = [(r[key][str(thr)]["mean"], s) for s, r in rows.items()
+                  if s != before_name and r[key][str(thr)] is not None]
+          if best:
+            t, s = min(best)
+            ratio = (f"before {b['mean']:.1f} s: **{b['mean'] / t:.1f}x** less wall-clock" if b is not None else
+                     f"before: not reached in {before['train_seconds']['mean']:.0f} s (3x its budget): "
+                     f"**> {before['train_seconds']['mean'] / t:.1f}x**")
+            lines.append(f"- accuracy {thr}: fastest tuned setting ({s}) {t:.1f} s; {ratio}")
+      lines.append("")
+  return "\n".join(lines)
+
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--part", choices=["breakdown", "noise", "asymptote", "main"], default="noise")
+  parser.add_argument("--part", choices=["breakdown", "noise", "asymptote", "main", "speed"], default="noise")
   parser.add_argument("--problems", default="1d_bimodal,2d_ring")
   parser.add_argument("--settings", default="", help="';'-separated subset of the noise settings (default: all)")
   parser.add_argument("--steps", type=int, default=1000)
@@ -421,6 +550,9 @@ def main():
     result = noise(seeds, args.steps, only, [s for s in args.settings.split(";") if s] or None,
                    checkpoint=lambda r: write(r, noise_markdown(r)))
     table = noise_markdown(result)
+  elif args.part == "speed":
+    result = speed(seeds, only)
+    table = speed_markdown(result)
   else:
     result = main_job(seeds, args.workdir)
     table = main_markdown(result)

@@ -4,6 +4,7 @@ r"""Euler vs the exponential integrator (docs/maths.md section 6) on the exact m
     python -m benchmarks.integrators --part=finetune   # 1-D Fig. 2 and 2-D ring fine-tunes, 3 seeds each (~15 min)
     python -m benchmarks.integrators --part=fixed_point  # s*: is the exact tilt each scheme's loss minimiser? (~1 min)
     python -m benchmarks.integrators --part=reuse      # trajectory reuse R = 1, 2, 4, 8 at a fixed wall-clock budget
+    python -m benchmarks.integrators --part=multistep  # DPM-Solver++(2M) sampler at K = 10 / 20 vs Euler K = 40 (~2 min)
 
 ``base``: the exact base velocity sampled with each integrator (memoryless SDE and ODE), 20k samples, 3 seeds:
 W1 to the exact CDF (1-D bimodal) or sliced W1 to an exact sample (2-D ring of the main job) next to the noise
@@ -193,9 +194,81 @@ def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="eule
   return out
 
 
+# ------------------------------------------------------------------------------------------------ multistep
+def multistep_grid(k: int, grid: str):
+  """t_0 = 0 < ... < t_K = 1: 'uniform', or 'late1.5' = 1 - (1 - u)^1.5 (denser where t -> 1, where the data
+  prediction of narrow modes changes fastest)."""
+  u = jnp.linspace(0.0, 1.0, k + 1)
+  if grid == "late1.5":
+    return 1.0 - (1.0 - u) ** 1.5
+  if grid != "uniform":
+    raise ValueError(f"grid must be 'uniform' or 'late1.5', got {grid!r}.")
+  return u
+
+
+def dpmpp_2m(velocity_fn, x, key, t, memoryless: bool):
+  """DPM-Solver++(2M) in the data prediction D = E[X_1 | x] (ODE; and its SDE form with eta = 1, which for a flow is
+  the memoryless SDE): the exponential step of docs/maths.md section 6 with D extrapolated linearly in the half
+  log-SNR lambda = log(alpha / beta) from the last two steps (Lu et al. 2022, 'midpoint' form).  Sampling only (a
+  benchmark: no lean adjoint exists for this two-step map in am_jax), D evaluated at the state's own time t_k."""
+  k_steps = t.shape[0] - 1
+  ts = t.at[0].set(1e-4)  # lambda(0) = -inf; the first step forgets X_0 anyway (memoryless) / is DDIM (ODE)
+  lam = jnp.log(S.alpha(ts) / S.beta(jnp.minimum(ts, 1.0 - 1e-6)))
+  d_prev = h_prev = None
+  keys = jax.random.split(key, k_steps)
+  for k in range(k_steps):
+    s, tn = ts[k], t[k + 1]
+    v = velocity_fn(x, jnp.full((x.shape[0],), s))
+    d = (S.beta(s) * v - S.beta_dot(s) * x) / (S.alpha_dot(s) * S.beta(s) - S.alpha(s) * S.beta_dot(s))
+    if k == k_steps - 1:  # beta(1) = 0: X_1 = D
+      return d
+    h = lam[k + 1] - lam[k]
+    if memoryless:
+      c_x, one_minus = (S.beta(tn) / S.beta(s)) * jnp.exp(-h), -jnp.expm1(-2.0 * h)
+    else:
+      c_x, one_minus = S.beta(tn) / S.beta(s), -jnp.expm1(-h)
+    x_new = c_x * x + S.alpha(tn) * one_minus * d
+    if d_prev is not None:
+      x_new = x_new + 0.5 * S.alpha(tn) * one_minus * (h / h_prev) * (d - d_prev)
+    if memoryless:
+      x_new = x_new + S.beta(tn) * jnp.sqrt(one_minus) * jax.random.normal(keys[k], x.shape)
+    x, d_prev, h_prev = x_new, d, h
+  return x
+
+
+def multistep(seeds=(0, 1, 2), n=20000):
+  """Is a second-order exponential (multistep) sampler at K = 10 / 20 as close to the data as Euler at K = 40?"""
+  out = {}
+  for name, mix in [("1d_bimodal", gmm.bimodal_1d()), ("2d_ring", gmm.ring_2d(**RING))]:
+    vf = lambda x, t, mix=mix: gmm.velocity(mix, x, t, S)  # noqa: E731
+    runs = [(f"euler/{d}/K=40", None) for d in ("memoryless", "ode")]
+    runs += [(f"2M/{d}/{g}/K={k}", (d, g, k)) for g in ("uniform", "late1.5") for k in (10, 20)
+             for d in ("memoryless", "ode")]
+    for key_name, spec in runs:
+      dists = []
+      for seed in seeds:
+        k0, kn, k1 = jax.random.split(jax.random.PRNGKey(seed), 3)
+        x0 = jax.random.normal(k0, (n, mix.dim))
+        if spec is None:
+          diffusion = key_name.split("/")[1]
+          coeffs = sampling.make_coefficients(S, diffusion, 40, 0.5, True)
+          xs = jax.jit(lambda x0, kn: sampling.simulate(vf, x0, sampling.draw_noise(kn, 40, x0.shape), coeffs)[-1])(
+              x0, kn)
+        else:
+          d, g, k = spec
+          xs = jax.jit(lambda x0, kn: dpmpp_2m(vf, x0, kn, multistep_grid(k, g), d == "memoryless"))(x0, kn)  # noqa: B023
+        if mix.dim == 1:
+          dists.append(metrics.wasserstein1_to_cdf(xs, lambda z: np.asarray(gmm.cdf_1d(mix, z))))  # noqa: B023
+        else:
+          dists.append(float(metrics.sliced_wasserstein1(xs, gmm.sample(mix, k1, n))))
+      out[f"{name}/{key_name}"] = {"distance": _summary(dists)}
+      print(f"{name}/{key_name:32s} {np.mean(dists):.4f} +- {np.std(dists, ddof=1):.4f}", flush=True)
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--part", choices=["base", "finetune", "reuse", "fixed_point"], default="base")
+  parser.add_argument("--part", choices=["base", "finetune", "reuse", "fixed_point", "multistep"], default="base")
   parser.add_argument("--budget_s", type=float, default=60.0)
   parser.add_argument("--repeats", default="1,2,4,8")
   parser.add_argument("--integrator", default="euler")
@@ -210,6 +283,8 @@ def main():
     result = base_accuracy(seeds)
   elif args.part == "fixed_point":
     result = fixed_point()
+  elif args.part == "multistep":
+    result = multistep(seeds)
   elif args.part == "reuse":
     result = reuse(seeds, args.budget_s, tuple(int(r) for r in args.repeats.split(",")), args.integrator,
                    only=tuple(args.problems.split(",")))
