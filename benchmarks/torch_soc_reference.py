@@ -739,7 +739,7 @@ def floor_markdown(out) -> str:
 
 
 def run_training(problems, iterations: int, net: str = "socm", num_evals: int = 4, torch_threads: int = 1,
-                 losses=("am",), seed: int = 0) -> dict:
+                 losses=("am",), seeds=(0,)) -> dict:
   """Trains am_jax (AM) and torch (each of ``losses``) from the same initial weights; L2 error of every control.
 
   Evaluation: ``soc_training.make_evaluator`` (the config's eval_seed and eval_batch_size: the same fixed paths as
@@ -749,10 +749,10 @@ def run_training(problems, iterations: int, net: str = "socm", num_evals: int = 
   torch = _torch()
   torch.set_num_threads(torch_threads)
   out = {"machine": common.machine_info(), "torch": torch.__version__, "torch_threads": torch_threads,
-         "iterations": iterations, "net": net, "seed": seed, "load_average": tr._load_average(),  # pylint: disable=protected-access
+         "iterations": iterations, "net": net, "seeds": list(seeds), "load_average": tr._load_average(),  # pylint: disable=protected-access
          "rows": []}
   every = max(iterations // num_evals, 1)
-  for name in problems:
+  for name, seed in [(n, s) for n in problems for s in seeds]:
     side = build_jax(name, net, seed=seed, num_iterations=iterations, eval_every=every)
     why = torch_supported(side.config)
     if why:
@@ -763,13 +763,14 @@ def run_training(problems, iterations: int, net: str = "socm", num_evals: int = 
     c0 = time.process_time()
     recs = soc_training.train_method("am", side.problem, cfg, control=(side.apply_fn, side.params),
                                      evaluate=evaluate, seed=seed)
-    row = {"problem": name, "net": net, "num_steps": side.problem.num_steps, "batch": side.batch, "runs": {}}
+    row = {"problem": name, "seed": seed, "net": net, "num_steps": side.problem.num_steps, "batch": side.batch,
+           "runs": {}}
     row["runs"]["am_jax_am"] = {
         "iterations": [r["iteration"] for r in recs], "l2_error": [r["l2_error"] for r in recs],
         "l2_error_se": [r["l2_error_se"] for r in recs], "objective": [r["objective"] for r in recs],
         "train_seconds": recs[-1]["train_seconds"], "compile_seconds": recs[-1]["compile_seconds"],
         "process_seconds_incl_eval": time.process_time() - c0}
-    print(f"{name} am_jax AM: L2 {recs[-1]['l2_error']:.4g} at it {iterations} "
+    print(f"{name} seed {seed} am_jax AM: L2 {recs[-1]['l2_error']:.4g} at it {iterations} "
           f"({recs[-1]['train_seconds']:.0f} s)", flush=True)
     for loss in losses:
       ref = TorchSOC(side, loss, seed=seed + 1)
@@ -793,7 +794,7 @@ def run_training(problems, iterations: int, net: str = "socm", num_evals: int = 
           log_eval(it)
       row["runs"][f"torch_{loss}"] = {"iterations": its, "l2_error": l2, "l2_error_se": l2_se, "objective": obj,
                                       "train_seconds": wall, "train_cpu_seconds": cpu}
-      print(f"{name} torch {loss}: L2 {l2[-1]:.4g} at it {iterations} ({wall:.0f} s)", flush=True)
+      print(f"{name} seed {seed} torch {loss}: L2 {l2[-1]:.4g} at it {iterations} ({wall:.0f} s)", flush=True)
     out["rows"].append(row)
   return out
 
@@ -803,21 +804,33 @@ def training_markdown(out) -> str:
   lines = [
       f"## Control L2 error after {out['iterations']} iterations, same initial weights (net={out['net']})", "",
       f"`python -m benchmarks.torch_soc_reference --rounds=0 --train_iterations={out['iterations']} "
-      f"--train_problems={','.join(r['problem'] for r in out['rows'])} --train_losses="
+      f"--train_problems={','.join(dict.fromkeys(r['problem'] for r in out['rows']))} "
+      f"--train_seeds={','.join(str(x) for x in out.get('seeds', [0]))} --train_losses="
       f"{','.join(k[len('torch_'):] for k in (out['rows'][0]['runs'] if out['rows'] else {}) if k.startswith('torch_'))}`"
       f"; {m['date']}, {m['machine']}, "
       f"torch {out['torch']} ({out['torch_threads']} thread).  L2 = am_jax's metric (`soc.evaluate_control`: "
       "E int |u - u*|^2 dt, 1024 fixed paths of the learned control, +- its standard error) on every trained control.  "
       "am_jax: `soc_training.train_method` (the key schedule of `experiments/soc.py`); torch: the same step with "
       "torch's generator.  Train seconds exclude evaluation (and am_jax's compile); shared machine.", "",
-      "| problem | K | B | run | L2 at " + " / ".join(
+      "| problem | seed | K | B | run | L2 at " + " / ".join(
           str(i) for i in (out["rows"][0]["runs"]["am_jax_am"]["iterations"] if out["rows"] else [])) +
-      " | final L2 +- se | train s (wall) |", "|---|---|---|---|---|---|---|"]
+      " | final L2 +- se | train s (wall) |", "|---|---|---|---|---|---|---|---|"]
   for row in out["rows"]:
     for run, r in row["runs"].items():
-      lines.append(f"| {row['problem']} | {row['num_steps']} | {row['batch']} | {run} | "
+      lines.append(f"| {row['problem']} | {row.get('seed', 0)} | {row['num_steps']} | {row['batch']} | {run} | "
                    + " / ".join(f"{v:.3g}" for v in r["l2_error"])
                    + f" | {r['l2_error'][-1]:.4g} +- {r['l2_error_se'][-1]:.2g} | {r['train_seconds']:.0f} |")
+  groups = {}
+  for row in out["rows"]:
+    for run, r in row["runs"].items():
+      groups.setdefault((row["problem"], run), []).append(r["l2_error"][-1])
+  if any(len(v) > 1 for v in groups.values()):
+    lines += ["", f"Final L2 at {out['iterations']} iterations, mean +- std over seeds {out.get('seeds')}:", "",
+              "| problem | run | L2 mean +- std (min-max) |", "|---|---|---|"]
+    for (problem, run), vals in groups.items():
+      v = np.asarray(vals)
+      lines.append(f"| {problem} | {run} | {v.mean():.4g} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.2g} "
+                   f"({v.min():.4g}-{v.max():.4g}) |")
   return "\n".join(lines) + "\n"
 
 
@@ -842,7 +855,8 @@ def main(argv):
                                 parts=tuple(p for p in f.floor_parts if p))
   if f.train_iterations > 0:
     result["training"] = run_training([p for p in f.train_problems if p], f.train_iterations, f.train_net,
-                                      losses=tuple(l for l in f.train_losses if l))
+                                      losses=tuple(l for l in f.train_losses if l),
+                                      seeds=tuple(int(x) for x in f.train_seeds))
   md = [fn(result[k]) for k, fn in (("timing", timing_markdown), ("floor", floor_markdown),
                                      ("training", training_markdown)) if k in result]
   text = "# am_jax vs a PyTorch eager reference, SOC benchmarks (issue 16)\n\n" + "\n".join(md)
@@ -867,6 +881,7 @@ def _define_flags():
   flags.DEFINE_list("train_problems", ["linear_ou", "quadratic_easy"], "Problems to train.")
   flags.DEFINE_string("train_net", "socm", "configs/soc.py net of the training comparison.")
   flags.DEFINE_list("train_losses", ["am"], f"torch losses to train, among {list(LOSSES)}.")
+  flags.DEFINE_list("train_seeds", ["0"], "Seeds of the training comparison (each: same initial weights both sides).")
   flags.DEFINE_string("out_dir", "benchmarks/results", "Where the .json / .md go.")
   flags.DEFINE_string("out_name", "torch_soc_reference_cpu", "File name (without extension) of the results.")
 

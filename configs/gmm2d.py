@@ -7,10 +7,10 @@ fine-tunes it toward p_base(x) exp(lambda r(x)) with r(x) = -|x|^2/4 + (1, 0.5).
 with the ODE and the memoryless SDE, and writes ``metrics.json`` (sliced W1 to the EXACT tilted
 mixture, since the data is an exact mixture) and ``scatter.png`` (base vs fine-tuned).
 
-Expected (2 idle CPU cores, 2026-11-26; `am-jax reproduce --only=main`, 3 seeds): ~64 s in total per seed
-(pre-training 3000 steps, fine-tuning 1000 steps at ~24 steps/s); fine-tuned sliced W1 to the exact tilted target
-0.076 ± 0.004 (ODE) / 0.067 ± 0.010 (memoryless SDE) vs 0.97 for the base (noise floor 0.012); mean reward 0.58
-(exact target 0.62, base -1.05).
+Expected (2 idle CPU cores, 2026-11-26; `am-jax reproduce --only=main`, 3 seeds): ~86 s in total per seed
+(pre-training 10k steps ~27 s, fine-tuning 1000 steps at ~22 steps/s); fine-tuned sliced W1 to the exact tilted
+target 0.038 ± 0.002 (ODE) / 0.030 ± 0.006 (memoryless SDE) vs 0.97 for the base (noise floor 0.012); mean reward
+0.61 (exact target 0.62, base -1.04).
 Resume after a kill by rerunning the same command (same --workdir).
 """
 import ml_collections
