@@ -7,10 +7,15 @@ sigma = 1.0 with the same optimiser stays biased in every seed (W1 ~0.2, mass ~0
 ``finetune_mixture``'s defaults the same runs end at W1 0.092-0.100, mass 0.83-0.85: under-trained, not the K = 40
 loss's discrete optimum.
 """
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from am_jax import gmm, losses, rewards, toy
+from tests import launch_helpers
 
 BASE = gmm.bimodal_1d()
 TARGET = gmm.tilt_linear(BASE, 1.0)
@@ -22,13 +27,24 @@ def _run(diffusion, seed):
   res = toy.finetune_mixture(BASE, rewards.linear_reward(1.0), config, steps=1000, batch_size=512, seed=seed,
                              log_fn=None, **toy.TUNED_OPTIMISER)
   ev = toy.evaluate_against_target(res, TARGET, diffusion="ode", num_steps=40)
-  return ev["distance_to_cdf"], ev["mode_mass"][1]
+  return float(ev["distance_to_cdf"]), float(ev["mode_mass"][1])
+
+
+def all_runs() -> dict:
+  return {"memoryless": [_run("memoryless", s) for s in SEEDS], "const": [_run(1.0, s) for s in SEEDS]}
 
 
 @pytest.mark.slow
 def test_tuned_optimiser_reaches_the_tilt_and_constant_sigma_stays_biased():
-  memoryless = np.array([_run("memoryless", s) for s in SEEDS])
-  const = np.array([_run(1.0, s) for s in SEEDS])
+  # At XLA's default optimisation, as users run it and as `benchmarks.convergence` measured: the suite's
+  # JAX_DISABLE_MOST_OPTIMIZATIONS (tests/conftest.py) rounds differently, and these runs are sensitive to
+  # rounding at the level of the margin (mass 0.862-0.867 there, mean 0.864: 0.017 from 0.881).
+  code = "import json; from tests import test_convergence as t; print(json.dumps(t.all_runs()))"
+  proc = subprocess.run([sys.executable, "-c", code], env=launch_helpers.env(1, plain=True), cwd=launch_helpers.REPO,
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = json.loads(proc.stdout.strip().splitlines()[-1])
+  memoryless, const = np.array(runs["memoryless"]), np.array(runs["const"])
   print("memoryless (W1, mass):", memoryless.tolist(), "sigma=1.0:", const.tolist())
   w1, mass = memoryless[:, 0], memoryless[:, 1]
   assert w1.mean() <= 0.05 and w1.max() < 0.07, w1           # the issue's target; constant Adam 1e-3: 0.092-0.100
