@@ -401,17 +401,17 @@ def speed_settings():
   }
 
 
-def _sampler_eval(target, every_samples=20000, config=losses.AMConfig()):
+def _sampler_eval(target, num_samples=20000, config=losses.AMConfig()):
   """eval_fn for finetune_mixture: sliced W1 (2-D) / W1 to the CDF (1-D) of ODE samples on the training grid; one
   compiled sampler per apply_fn (the timing excludes it: finetune_mixture stops its clock around eval_fn)."""
   cache = {}
   k_model, k_ref = jax.random.split(jax.random.PRNGKey(1))
-  ref = np.asarray(gmm.sample(target, k_ref, every_samples))
+  ref = np.asarray(gmm.sample(target, k_ref, num_samples))
 
   def eval_fn(apply_fn, params):
     if apply_fn not in cache:
       cache.clear()
-      cache[apply_fn] = jax.jit(lambda p: sampling.sample(apply_fn, p, k_model, (every_samples, target.dim),
+      cache[apply_fn] = jax.jit(lambda p: sampling.sample(apply_fn, p, k_model, (num_samples, target.dim),
                                                           config.schedule, "ode", config.num_steps,
                                                           config.time_offset))
     xs = np.asarray(cache[apply_fn](params))
