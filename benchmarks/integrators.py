@@ -125,9 +125,13 @@ def fixed_point(n=40000, seed=3):
 
 
 def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="euler", eval_every_s=5.0,
-          only=("1d_bimodal", "2d_ring")):
+          only=("1d_bimodal", "2d_ring"), optimiser_steps=0):
   """Trajectory reuse: each simulated batch (trajectories + lean adjoint) feeds R Adam steps, each with its own
-  loss time steps; wall-clock (training only; evaluation not timed) to a fixed distance on both exact problems."""
+  loss time steps; wall-clock (training only; evaluation not timed) to a fixed distance on both exact problems.
+
+  ``optimiser_steps`` > 0: instead of a wall-clock budget at Adam 1e-3, a fixed number of optimiser steps with
+  ``toy.TUNED_OPTIMISER`` (cosine decay over those steps, EMA 0.99 of the params evaluated at the end), so R = 2
+  simulates half as many batches for the same optimiser steps."""
   import optax
   from flax import nnx
 
@@ -149,8 +153,13 @@ def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="eule
         net_apply, params = models.functional(models.MLP(base.dim, hidden=hidden, zero_init_output=True,
                                                          rngs=nnx.Rngs(seed)))
         ft = param_lib.residual_model(base_apply, base, net_apply, S, "control")
-        opt = optax.adam(1e-3)
+        tuned = optimiser_steps > 0
+        opt = optax.adam(toy.learning_rate_schedule(toy.TUNED_OPTIMISER["learning_rate"], optimiser_steps,
+                                                    toy.TUNED_OPTIMISER["lr_schedule"]) if tuned else 1e-3)
+        ema_decay = toy.TUNED_OPTIMISER["ema_decay"]
+        ema = optax.ema(ema_decay, debias=True)
         opt_state = opt.init(params)
+        ema_state = ema.init(params)
 
         @jax.jit
         def simulate(params, key):
@@ -173,7 +182,24 @@ def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="eule
         b0 = simulate(params, key)
         jax.block_until_ready(update(params, opt_state, b0, key))
         elapsed, steps, curve, next_eval = 0.0, 0, [], eval_every_s
-        while elapsed < budget_s:
+        if tuned:
+          ema_update = jax.jit(lambda p, st: ema.update(p, st)[1])
+          jax.block_until_ready(ema_update(params, ema_state))
+          while steps < optimiser_steps:
+            t0 = time.perf_counter()
+            key, k_sim = jax.random.split(key)
+            am_batch = simulate(params, k_sim)
+            for _ in range(min(r, optimiser_steps - steps)):
+              key, k_loss = jax.random.split(key)
+              params, opt_state = update(params, opt_state, am_batch, k_loss)
+              ema_state = ema_update(params, ema_state)
+              steps += 1
+            jax.block_until_ready(params)
+            elapsed += time.perf_counter() - t0
+          eval_params = jax.tree.map(lambda e: e / (1.0 - ema_decay ** ema_state.count), ema_state.ema)
+          d, floor = evaluate(eval_params)
+          curve.append((elapsed, steps, d))
+        while not tuned and elapsed < budget_s:
           t0 = time.perf_counter()
           key, k_sim = jax.random.split(key)
           am_batch = simulate(params, k_sim)
@@ -272,6 +298,9 @@ def main():
   parser.add_argument("--budget_s", type=float, default=60.0)
   parser.add_argument("--repeats", default="1,2,4,8")
   parser.add_argument("--integrator", default="euler")
+  parser.add_argument("--optimiser_steps", type=int, default=0,
+                      help="reuse: > 0 runs this many optimiser steps with toy.TUNED_OPTIMISER instead of --budget_s")
+  parser.add_argument("--tag", default="", help="suffix of the results file name")
   parser.add_argument("--problems", default="1d_bimodal,2d_ring")
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--seeds", default="0,1,2")
@@ -287,13 +316,15 @@ def main():
     result = multistep(seeds)
   elif args.part == "reuse":
     result = reuse(seeds, args.budget_s, tuple(int(r) for r in args.repeats.split(",")), args.integrator,
-                   only=tuple(args.problems.split(",")))
+                   only=tuple(args.problems.split(",")), optimiser_steps=args.optimiser_steps)
   else:
     runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
     result = finetune(seeds, args.steps, runs)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f"integrators_{args.part}.json"), "w") as f:
-    json.dump({"command": f"python -m benchmarks.integrators --part={args.part}", "machine": "2-core shared CPU",
+  with open(os.path.join(args.out, f"integrators_{args.part}{args.tag}.json"), "w") as f:
+    json.dump({"command": "python -m benchmarks.integrators " + " ".join(
+                   f"--{k}={v}" for k, v in vars(args).items() if k != "out" and v != ""),
+               "machine": "2-core shared CPU", "date": time.strftime("%Y-%m-%d"),
                "result": result}, f, indent=1)
 
 
