@@ -166,11 +166,14 @@ def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="eule
           return losses.make_am_batch(ft, params, base_apply, base, reward, key, (batch, base.dim), config)
 
         @jax.jit
-        def update(params, opt_state, am_batch, key):
+        def update(params, opt_state, ema_state, am_batch, key):
           grads = jax.grad(lambda p: losses.adjoint_matching_loss(ft, p, base_apply, base, am_batch, key, config)[0])(
               params)
           updates, opt_state = opt.update(grads, opt_state, params)
-          return optax.apply_updates(params, updates), opt_state
+          params = optax.apply_updates(params, updates)
+          if tuned:  # the EMA in the same program as the step (static flag: the constant-rate loop does without)
+            ema_state = ema.update(params, ema_state)[1]
+          return params, opt_state, ema_state
 
         def evaluate(params):
           res = toy.ToyResult(params, ft, {}, 0.0, config)
@@ -180,19 +183,16 @@ def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="eule
         key = jax.random.PRNGKey(seed)
         # Compile outside the clock.
         b0 = simulate(params, key)
-        jax.block_until_ready(update(params, opt_state, b0, key))
+        jax.block_until_ready(update(params, opt_state, ema_state, b0, key))
         elapsed, steps, curve, next_eval = 0.0, 0, [], eval_every_s
         if tuned:
-          ema_update = jax.jit(lambda p, st: ema.update(p, st)[1])
-          jax.block_until_ready(ema_update(params, ema_state))
           while steps < optimiser_steps:
             t0 = time.perf_counter()
             key, k_sim = jax.random.split(key)
             am_batch = simulate(params, k_sim)
             for _ in range(min(r, optimiser_steps - steps)):
               key, k_loss = jax.random.split(key)
-              params, opt_state = update(params, opt_state, am_batch, k_loss)
-              ema_state = ema_update(params, ema_state)
+              params, opt_state, ema_state = update(params, opt_state, ema_state, am_batch, k_loss)
               steps += 1
             jax.block_until_ready(params)
             elapsed += time.perf_counter() - t0
@@ -205,7 +205,7 @@ def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="eule
           am_batch = simulate(params, k_sim)
           for _ in range(r):
             key, k_loss = jax.random.split(key)
-            params, opt_state = update(params, opt_state, am_batch, k_loss)
+            params, opt_state, ema_state = update(params, opt_state, ema_state, am_batch, k_loss)
             steps += 1
           jax.block_until_ready(params)
           elapsed += time.perf_counter() - t0

@@ -1,4 +1,5 @@
 """Small configs and process helpers shared by the training-system tests."""
+import json
 import os
 import socket
 import subprocess
@@ -79,6 +80,16 @@ def env(num_devices: int, plain: bool = False):
   if plain:
     e.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
   return e
+
+
+def json_from_fresh_python(code: str, timeout: int = 600):
+  """Runs ``code`` in a fresh Python with one CPU device at XLA's default optimisation (``env(1, plain=True)``) and
+  returns the JSON it prints on its last line: numbers as users (and the benchmarks) compute them, not at the
+  suite's reduced optimisation."""
+  proc = subprocess.run([sys.executable, "-c", code], env=env(1, plain=True), cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def python(args, num_devices: int, stdout_file=None, **kw):

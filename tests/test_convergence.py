@@ -7,10 +7,6 @@ sigma = 1.0 with the same optimiser stays biased in every seed (W1 ~0.2, mass ~0
 ``finetune_mixture``'s defaults the same runs end at W1 0.092-0.100, mass 0.83-0.85: under-trained, not the K = 40
 loss's discrete optimum.
 """
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -40,10 +36,7 @@ def test_tuned_optimiser_reaches_the_tilt_and_constant_sigma_stays_biased():
   # JAX_DISABLE_MOST_OPTIMIZATIONS (tests/conftest.py) rounds differently, and these runs are sensitive to
   # rounding at the level of the margin (mass 0.862-0.867 there, mean 0.864: 0.017 from 0.881).
   code = "import json; from tests import test_convergence as t; print(json.dumps(t.all_runs()))"
-  proc = subprocess.run([sys.executable, "-c", code], env=launch_helpers.env(1, plain=True), cwd=launch_helpers.REPO,
-                        capture_output=True, text=True, timeout=1800)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  runs = json.loads(proc.stdout.strip().splitlines()[-1])
+  runs = launch_helpers.json_from_fresh_python(code, timeout=1800)
   memoryless, const = np.array(runs["memoryless"]), np.array(runs["const"])
   print("memoryless (W1, mass):", memoryless.tolist(), "sigma=1.0:", const.tolist())
   w1, mass = memoryless[:, 0], memoryless[:, 1]

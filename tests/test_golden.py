@@ -11,8 +11,6 @@ losses in the 7th digit from step 4 on; with 1 or 2 devices it matches exactly).
 import functools
 import json
 import os
-import subprocess
-import sys
 
 from tests import launch_helpers
 
@@ -48,10 +46,7 @@ def _runs_on_one_device() -> dict:
   default compilation (``launch_helpers.env(1, plain=True)``, as captured): one process start-up for both tests."""
   code = ("import json; from tests import test_golden; "
           f"print(json.dumps({{f: getattr(test_golden, f)() for f in {FUNCTIONS!r}}}))")
-  proc = subprocess.run([sys.executable, "-c", code], env=launch_helpers.env(1, plain=True), cwd=launch_helpers.REPO,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return launch_helpers.json_from_fresh_python(code)
 
 
 def run_on_one_device(function: str) -> dict:
