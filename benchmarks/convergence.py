@@ -6,6 +6,7 @@ variance (issue 14 item 3; docs/maths.md section 7).
     python -m benchmarks.convergence --part=noise --problems=2d_ring --tag=_2d      #   at equal CPU budget
     python -m benchmarks.convergence --part=asymptote --steps=4000 --seeds=0   # AM with 8x the compute (not run yet)
     python -m benchmarks.convergence --part=main        # configs/gmm2d.py main job: old vs new finetune block
+    python -m benchmarks.convergence --part=fixed_points  # where each diffusion's loss optimum lies (1-D, Fig. 2)
 
 CPU time (2026-11-26): a 1000-step toy run is ~18 s of process CPU; breakdown ~15 runs' worth, noise 24 runs per
 problem (8 settings x 3 seeds; stopped after 5 settings on an overloaded machine), main 3 x (pre-train + 2 fine-tunes),
@@ -25,7 +26,9 @@ seeds and the swing of one run between its checkpoints (steps 600-1000, every 10
 
 ``noise``: each setting trained with the same CPU budget as today's default (steps rescaled by the CPU time per
 step, calibrated on 100 steps), 3 seeds, evaluated at the end.  ``main``: ``am-jax finetune --config=gmm2d`` with the
-old (Adam constant 1e-3, no EMA) and new finetune block, same pre-trained base per seed.
+old (Adam constant 1e-3, no EMA) and new finetune block, same pre-trained base per seed.  ``fixed_points``: the
+exact optimum of the AM loss for the memoryless and the constant-sigma diffusions on the 1-D problem (no training:
+``fixed_point_velocity``), sampled as Fig. 2 samples its trained models.
 
 Writes ``benchmarks/results/convergence_<part>.{json,md}``.
 """
@@ -511,9 +514,81 @@ def speed_markdown(res):
   return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ fixed points
+def fixed_point_velocity(base, slope, diffusion, num_steps=40, num_paths=2048, grid=np.linspace(-4.0, 4.0, 161),
+                         seed=0):
+  """The fine-tuned velocity at the fixed point of the AM loss with ``diffusion``, on the 1-D problem r(x) = slope x.
+
+  The loss's minimiser is the SOC optimum of the discretised base process with that diffusion (paper Eq. 17 for a
+  constant sigma, whose optimum is biased): each step's optimal transition is the base transition tilted by
+  exp V_{k+1}, V_k(x) = log E[exp(r(X_K)) | X_k = x] on the Euler grid of the training (K steps, offset 0.5), so
+  u_k(x) = sigma_k grad V_{k+1}(x + h_k b_k(x)) (the tilt of a Gaussian step of variance sigma_k^2 h_k shifts its mean by
+  sigma_k^2 h_k grad V) and v_ft = v_base + sigma_k u_k / (1 + c_k) (``methods.am_const_sigma``).  grad V_{k+1} is the
+  pathwise derivative of a log-mean-exp over ``num_paths`` base paths (common noise across the x grid), interpolated
+  linearly.  Returns ``velocity(x, t)`` for t equal to a training time tau_k (what the ODE sampler on the training grid
+  queries)."""
+  co = sampling.make_coefficients(S, diffusion, num_steps, 0.5, True)
+  vb = lambda x, t: gmm.velocity(base, x, t, S)  # noqa: E731
+  xg = jnp.asarray(grid, jnp.float32)
+
+  def log_value(k, x, key):  # V_k(x): log E[exp(slope X_K) | X_k = x] under the discretised base process
+    xi = sampling.draw_noise(key, num_steps, (num_paths, 1))
+
+    def body(j, xx):
+      s = sampling.step_at(co, j)
+      xn = sampling.euler(vb, xx, xi[j], s)
+      return jnp.where(j >= k, xn, xx)
+
+    x1 = jax.lax.fori_loop(0, num_steps, body, jnp.full((num_paths, 1), x, jnp.float32))
+    return jax.scipy.special.logsumexp(slope * x1[:, 0]) - jnp.log(num_paths)
+
+  grad_v = jax.jit(jax.vmap(jax.grad(log_value, argnums=1), in_axes=(None, 0, None)))
+  keys = jax.random.split(jax.random.PRNGKey(seed), num_steps)
+  table = jnp.stack([grad_v(k + 1, xg, keys[k]) if k + 1 < num_steps else jnp.full_like(xg, slope)
+                     for k in range(num_steps)])  # (K, grid): grad V_{k+1}; V_K = r
+
+  def velocity(x, t):
+    k = jnp.argmin(jnp.abs(co.tau - t[0]))
+    s = sampling.step_at(co, k)
+    v = vb(x, t)
+    x_mean = x + s.dt * sampling.drift_of(v, x, s)
+    return v + s.sigma ** 2 * jnp.interp(x_mean[:, 0], xg, table[k])[:, None] / (1.0 + s.drift_scale)
+
+  return velocity
+
+
+def fixed_points(seeds=(0, 1, 2), diffusions=("memoryless", 1.0, 0.2), num_paths=2048, n=20000):
+  """W1 to the exact tilt and right-mode mass of each diffusion's fixed point (1-D, r(x) = x), sampled by the ODE on
+  the training grid as Fig. 2 samples its trained models; seeds = sampling seeds (one fixed-point estimate each)."""
+  base = gmm.bimodal_1d()
+  target = gmm.tilt_linear(base, 1.0)
+  out = {}
+  for diffusion in diffusions:
+    w1s, masses = [], []
+    for seed in seeds:
+      velocity = fixed_point_velocity(base, 1.0, diffusion, num_paths=num_paths, seed=100 + seed)
+      xs = jax.jit(lambda key, velocity=velocity: sampling.sample(lambda p, x, t: velocity(x, t), None, key, (n, 1),
+                                                                   S, "ode", 40, 0.5))(jax.random.PRNGKey(seed))
+      w1s.append(metrics.wasserstein1_to_cdf(xs, lambda z: np.asarray(gmm.cdf_1d(target, z))))
+      masses.append(float(metrics.mode_mass(xs, target.means)[1]))
+    out[str(diffusion)] = {"w1_to_target": _summary(w1s), "right_mode_mass": _summary(masses),
+                           "target_mass": float(target.weights[1])}
+    print(f"{str(diffusion):10s} fixed point: W1 {_pm(out[str(diffusion)]['w1_to_target'])}, right-mode mass "
+          f"{_pm(out[str(diffusion)]['right_mode_mass'])} (target {float(target.weights[1]):.3f})", flush=True)
+  return out
+
+
+def fixed_points_markdown(res):
+  lines = ["| diffusion while fine-tuning | fixed point: W1 to the exact tilt | right-mode mass (target 0.881) |",
+           "|---|---|---|"]
+  for name, r in res.items():
+    lines.append(f"| {name} | {_pm(r['w1_to_target'])} | {_pm(r['right_mode_mass'])} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--part", choices=["breakdown", "noise", "asymptote", "main", "speed"], default="noise")
+  parser.add_argument("--part", choices=["breakdown", "noise", "asymptote", "main", "speed", "fixed_points"], default="noise")
   parser.add_argument("--problems", default="1d_bimodal,2d_ring")
   parser.add_argument("--settings", default="", help="';'-separated subset of the noise settings (default: all)")
   parser.add_argument("--steps", type=int, default=1000)
@@ -521,13 +596,16 @@ def main():
   parser.add_argument("--workdir", default="runs/convergence_main")
   parser.add_argument("--out", default=RESULTS)
   parser.add_argument("--tag", default="")
+  parser.add_argument("--num_paths", type=int, default=2048, help="fixed_points: base paths per value estimate")
+  parser.add_argument("--diffusions", default="memoryless,1.0,0.2", help="fixed_points: diffusions")
   args = parser.parse_args()
   seeds = tuple(int(s) for s in args.seeds.split(","))
   only = tuple(args.problems.split(","))
   t0 = time.perf_counter()
   command = "python -m benchmarks.convergence " + " ".join(
       f"--{k}={v}" for k, v in vars(args).items()
-      if k not in ("out",) and v not in ("",) and (k != "workdir" or args.part == "main"))
+      if k not in ("out",) and v not in ("",) and (k != "workdir" or args.part == "main")
+      and (k not in ("num_paths", "diffusions") or args.part == "fixed_points"))
   stem = os.path.join(args.out, f"convergence_{args.part}{args.tag}")
   os.makedirs(args.out, exist_ok=True)
 
@@ -553,6 +631,10 @@ def main():
   elif args.part == "speed":
     result = speed(seeds, only)
     table = speed_markdown(result)
+  elif args.part == "fixed_points":
+    result = fixed_points(seeds, tuple(d if d == "memoryless" else float(d) for d in args.diffusions.split(",")),
+                          args.num_paths)
+    table = fixed_points_markdown(result)
   else:
     result = main_job(seeds, args.workdir)
     table = main_markdown(result)
