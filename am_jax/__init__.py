@@ -16,7 +16,7 @@ The problem and the methods::
 Building blocks::
 
     am_jax.schedules (Schedule, LinearSchedule, CosineSchedule, VPSchedule, get_schedule), am_jax.sampling
-    (sample), am_jax.adjoint (lean_adjoint), am_jax.dynamics, am_jax.parameterisation (residual_model,
+    (sample), am_jax.multistep (dpm_solver_2m: second-order sampling, K = 10), am_jax.adjoint (lean_adjoint), am_jax.dynamics, am_jax.parameterisation (residual_model,
     mixed_precision), am_jax.gmm (GaussianMixture: exact velocities and exact tilted targets),
     am_jax.rewards, am_jax.metrics
 
@@ -38,8 +38,8 @@ __version__ = "0.1.0"
 # Public submodules (imported on first attribute access).
 _SUBMODULES = (
     "adjoint", "builders", "checkpointing", "classifiers", "data", "dynamics", "gmm", "jobs", "launch", "lora",
-    "losses", "methods", "metrics", "models", "monitor", "parameterisation", "problem", "reporting", "rewards",
-    "sampling", "schedules", "sharding", "soc", "training",
+    "losses", "methods", "metrics", "models", "monitor", "multistep", "parameterisation", "problem", "reporting",
+    "rewards", "sampling", "schedules", "sharding", "soc", "training",
 )
 
 # Top-level names -> the submodule that defines them.
@@ -59,6 +59,7 @@ _ATTRIBUTES = {
     "sample": "sampling",
     "lean_adjoint": "adjoint",
     "ExponentialIntegrator": "integrators",
+    "dpm_solver_2m": "multistep",
     "residual_model": "parameterisation",
     "mixed_precision": "parameterisation",
     "GaussianMixture": "gmm",
@@ -77,24 +78,25 @@ __all__ = [
     "adjoint_matching_objective", "flow_matching_loss",
     # building blocks
     "Schedule", "LinearSchedule", "CosineSchedule", "VPSchedule", "get_schedule", "sample", "lean_adjoint",
-    "ExponentialIntegrator", "residual_model", "mixed_precision", "GaussianMixture",
+    "ExponentialIntegrator", "dpm_solver_2m", "residual_model", "mixed_precision", "GaussianMixture",
     # training runs
     "TrainState", "make_finetune_step", "make_pretrain_step", "Checkpointer", "make_mesh", "MetricsWriter",
     # submodules
     "adjoint", "builders", "checkpointing", "classifiers", "data", "dynamics", "gmm", "jobs", "launch", "lora",
-    "losses", "metrics", "models", "monitor", "parameterisation", "problem", "reporting", "rewards", "sampling",
-    "schedules", "sharding", "soc", "training",
+    "losses", "metrics", "models", "monitor", "multistep", "parameterisation", "problem", "reporting", "rewards",
+    "sampling", "schedules", "sharding", "soc", "training",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
   from am_jax import (adjoint, builders, checkpointing, classifiers, data, dynamics, gmm, jobs, launch, lora,
-                      losses, methods, metrics, models, monitor, parameterisation, problem, reporting, rewards,
-                      sampling, schedules, sharding, soc, training)
+                      losses, methods, metrics, models, monitor, multistep, parameterisation, problem, reporting,
+                      rewards, sampling, schedules, sharding, soc, training)
   from am_jax.adjoint import lean_adjoint
   from am_jax.builders import ConfigError, build_problem
   from am_jax.checkpointing import Checkpointer
   from am_jax.gmm import GaussianMixture
   from am_jax.integrators import ExponentialIntegrator
+  from am_jax.multistep import dpm_solver_2m
   from am_jax.losses import AMConfig, adjoint_matching_loss, adjoint_matching_objective, flow_matching_loss
   from am_jax.parameterisation import mixed_precision, residual_model
   from am_jax.problem import Problem

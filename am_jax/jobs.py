@@ -652,13 +652,19 @@ def parse_diffusion(text: str):
 
 
 def sample(cfg, workdir: str, diffusion: str = "ode", num_samples: int = 10_000, num_steps: int = 0,
-           which: str = "finetuned", seed: int = 0) -> dict:
+           which: str = "finetuned", seed: int = 0, integrator: str = "euler") -> dict:
   """Samples the fine-tuned (or base) model of ``workdir``; writes ``samples_<which>_<diffusion>.npz/.json``
-  (mean reward, sliced W1 to the exact target where known) and a scatter PNG for 2-D samples."""
+  (mean reward, sliced W1 to the exact target where known) and a scatter PNG for 2-D samples.  ``integrator``:
+  'euler' (the training grid's scheme), 'exponential' or 'dpmpp_2m' (``sampling.sample``); a non-Euler integrator
+  is part of the output file names (``samples_<which>_<diffusion>_<integrator>``)."""
   diffusion = parse_diffusion(str(diffusion))
   workdir = check_workdir(workdir)
   if num_samples <= 0 or num_steps < 0:
     raise ValueError(f"--num_samples={num_samples} must be > 0 and --num_steps={num_steps} >= 0.")
+  if integrator not in sampling.SAMPLERS:
+    raise ValueError(f"--integrator={integrator!r}: must be one of {', '.join(sampling.SAMPLERS)}.")
+  if integrator != "euler" and diffusion not in ("ode", "memoryless"):
+    raise ValueError(f"--integrator={integrator} needs --diffusion=ode or memoryless, got {diffusion!r}.")
   mesh = sharding.make_mesh(cfg.mesh.num_devices)
   if which == "base":
     problem, params = build_finetune_problem(_with_base(cfg, workdir), workdir, mesh), None
@@ -670,27 +676,27 @@ def sample(cfg, workdir: str, diffusion: str = "ode", num_samples: int = 10_000,
   cond = tuple(problem.cond_fn(k_cond, num_samples)) if problem.cond_fn is not None else ()
 
   def sample_and_report(p):  # one program (eager rewards: one per operation)
-    x = problem.sample(p, key, num_samples, diffusion, k, cond=cond, which=which)
+    x = problem.sample(p, key, num_samples, diffusion, k, cond=cond, which=which, integrator=integrator)
     return x, problem.reward_report(x, cond)
 
   xs, report = jax.jit(sample_and_report)(params)
   xs = np.asarray(xs)
   if not np.all(np.isfinite(xs)):
     raise FloatingPointError(f"sample: the {which} model produced non-finite samples.")
-  out = {"which": which, "diffusion": str(diffusion), "num_steps": k}
+  out = {"which": which, "diffusion": str(diffusion), "num_steps": k, "integrator": integrator}
   out.update({f"{n}_mean" if n == "reward" else n: float(v) for n, v in report.items()})
   target = problem.exact_target
   if target is not None:
     ref = np.asarray(gmm_lib.sample(target, jax.random.PRNGKey(seed + 1), num_samples))
     out["to_target_sliced_w1"] = metrics_lib.sliced_wasserstein1(xs, ref)
   if jax.process_index() == 0:
-    stem = os.path.join(workdir, f"samples_{which}_{diffusion}")
+    stem = os.path.join(workdir, f"samples_{which}_{diffusion}" + ("" if integrator == "euler" else f"_{integrator}"))
     np.savez_compressed(stem + ".npz", samples=xs)
     with open(stem + ".json", "w") as f:
       json.dump(out, f, indent=2)
     from am_jax import plots
     if xs.ndim == 2 and xs.shape[1] == 2:
-      plots.scatter_one(stem + ".png", xs, f"{which}, {diffusion}, K={k}")
+      plots.scatter_one(stem + ".png", xs, f"{which}, {diffusion}, K={k}, {integrator}")
     elif xs.ndim == 4:
-      plots.image_grid(stem + ".png", [(f"{which}, {diffusion}, K={k}", xs)])
+      plots.image_grid(stem + ".png", [(f"{which}, {diffusion}, K={k}, {integrator}", xs)])
   return out

@@ -191,12 +191,13 @@ class Problem:
 
   # -------------------------------------------------------------------------------------- sampling
   def sample(self, params, key, num: int, diffusion="ode", num_steps: Optional[int] = None, cond=None,
-             which: str = "finetuned", return_trajectory: bool = False):
+             which: str = "finetuned", return_trajectory: bool = False, integrator: str = "euler"):
     """``num`` samples of the fine-tuned (or ``which='base'``) model; conditions drawn by ``cond_fn`` if None;
     classifier-free guidance ``sample_guidance`` applied to the sampled model.
 
-    Jittable (``num``, ``diffusion``, ``num_steps``, ``which`` static).  The grid is the config's
-    (time offset, noiseless last step) with ``num_steps`` (default ``config.num_steps``) steps.
+    Jittable (``num``, ``diffusion``, ``num_steps``, ``which``, ``integrator`` static).  The grid is the config's
+    (time offset, noiseless last step) with ``num_steps`` (default ``config.num_steps``) steps; ``integrator``
+    as ``sampling.sample`` ('dpmpp_2m': the second-order multistep sampler on its own grid).
     """
     k_cond, k_x = jax.random.split(key)
     if cond is None:
@@ -212,7 +213,7 @@ class Problem:
     c = self.config
     return sampling.sample(apply_fn, p, k_x, self.x_shape(num), c.schedule, diffusion, num_steps or c.num_steps,
                            c.time_offset, noiseless_last_step=c.noiseless_last_step, cond=cond,
-                           return_trajectory=return_trajectory)
+                           return_trajectory=return_trajectory, integrator=integrator)
 
   def reward_report(self, x, cond=()) -> dict:
     """Mean of the training reward, each of its terms and each gold reward on samples ``x`` (jittable)."""

@@ -43,6 +43,7 @@ from am_jax.dynamics import _bcast
 
 SOLVERS = ("scan", "diffrax")
 INTEGRATORS = ("euler", "exponential")
+SAMPLERS = INTEGRATORS + ("dpmpp_2m",)  # ``sample`` only: the multistep sampler has no training path
 
 
 class StepCoefficients(NamedTuple):
@@ -466,11 +467,23 @@ def sample(apply_fn: Callable, params, key, x_shape, schedule, diffusion="memory
   """Draws samples X_1 from a velocity model with any diffusion coefficient (ODE included).
 
   ``apply_fn(params, x, t, *cond)``; x_shape = (B, ...).  Returns (B, ...) or the (K+1, B, ...) path.
-  ``integrator``: 'euler' or 'exponential' (memoryless or ODE diffusion; ``make_coefficients``).
+  ``integrator``: 'euler' or 'exponential' (memoryless or ODE diffusion; ``make_coefficients``), or 'dpmpp_2m'
+  (``multistep.dpm_solver_2m``: second order, its own grid, memoryless or ODE diffusion, solver 'scan'; sampling only:
+  at K = 10 the ODE is as close to the data as Euler at K = 40 on the exact mixtures).
   """
-  coeffs = make_coefficients(schedule, diffusion, num_steps, time_offset, noiseless_last_step, integrator)
+  if integrator not in SAMPLERS:
+    raise ValueError(f"integrator must be one of {SAMPLERS}, got {integrator!r}.")
   k0, kn = jax.random.split(key)
   x0 = jax.random.normal(k0, tuple(x_shape), jnp.float32)
+  if integrator == "dpmpp_2m":
+    from am_jax import multistep  # pylint: disable=g-import-not-at-top
+    if isinstance(diffusion, str) and diffusion not in ("ode", "memoryless") or not isinstance(diffusion, str):
+      raise ValueError(f"integrator='dpmpp_2m' needs diffusion 'ode' or 'memoryless', got {diffusion!r}.")
+    if solver != "scan":
+      raise ValueError(f"integrator='dpmpp_2m' runs on solver='scan' only, got {solver!r}.")
+    return multistep.dpm_solver_2m(lambda x, t: apply_fn(params, x, t, *cond), x0, kn, schedule, num_steps,
+                                   diffusion == "memoryless", return_trajectory=return_trajectory)
+  coeffs = make_coefficients(schedule, diffusion, num_steps, time_offset, noiseless_last_step, integrator)
   noise = draw_noise(kn, num_steps, x_shape)
   traj = simulate(lambda x, t: apply_fn(params, x, t, *cond), x0, noise, coeffs, solver)
   return traj if return_trajectory else traj[-1]

@@ -5,6 +5,7 @@ r"""Euler vs the exponential integrator (docs/maths.md section 6) on the exact m
     python -m benchmarks.integrators --part=fixed_point  # s*: is the exact tilt each scheme's loss minimiser? (~1 min)
     python -m benchmarks.integrators --part=reuse      # trajectory reuse R = 1, 2, 4, 8 at a fixed wall-clock budget
     python -m benchmarks.integrators --part=multistep  # DPM-Solver++(2M) sampler at K = 10 / 20 vs Euler K = 40 (~2 min)
+    python -m benchmarks.integrators --part=sde_k10    # memoryless SDE at K = 10: 2M / 2M-Heun / 3M x 4 grids (~3 min)
 
 ``base``: the exact base velocity sampled with each integrator (memoryless SDE and ODE), 20k samples, 3 seeds:
 W1 to the exact CDF (1-D bimodal) or sliced W1 to an exact sample (2-D ring of the main job) next to the noise
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from am_jax import gmm, losses, metrics, rewards, sampling, schedules, toy
+from am_jax import multistep as multistep_lib
 
 S = schedules.LinearSchedule()
 RING = dict(num=8, radius=2.0, std=0.25)
@@ -221,45 +223,74 @@ def reuse(seeds=(0, 1, 2), budget_s=60.0, repeats=(1, 2, 4, 8), integrator="eule
 
 
 # ------------------------------------------------------------------------------------------------ multistep
-def multistep_grid(k: int, grid: str):
-  """t_0 = 0 < ... < t_K = 1: 'uniform', or 'late1.5' = 1 - (1 - u)^1.5 (denser where t -> 1, where the data
-  prediction of narrow modes changes fastest)."""
-  u = jnp.linspace(0.0, 1.0, k + 1)
-  if grid == "late1.5":
-    return 1.0 - (1.0 - u) ** 1.5
-  if grid != "uniform":
-    raise ValueError(f"grid must be 'uniform' or 'late1.5', got {grid!r}.")
-  return u
+GRID_POWER = {"uniform": 1.0, "late1.5": 1.5}
 
 
-def dpmpp_2m(velocity_fn, x, key, t, memoryless: bool):
-  """DPM-Solver++(2M) in the data prediction D = E[X_1 | x] (ODE; and its SDE form with eta = 1, which for a flow is
-  the memoryless SDE): the exponential step of docs/maths.md section 6 with D extrapolated linearly in the half
-  log-SNR lambda = log(alpha / beta) from the last two steps (Lu et al. 2022, 'midpoint' form).  Sampling only (a
-  benchmark: no lean adjoint exists for this two-step map in am_jax), D evaluated at the state's own time t_k."""
+def sde_grid(k: int, grid: str):
+  """Grids of the K = 10 SDE study: 'uniform', 'late<p>' = 1 - (1 - u)^p, or 'logsnr<lo>:<hi>' (uniform in the half
+  log-SNR lambda = log(t / (1 - t)) between lo and hi, plus t = 0 and t = 1)."""
+  if grid.startswith("logsnr"):
+    lo, hi = (float(a) for a in grid[len("logsnr"):].split(":"))
+    t = jax.nn.sigmoid(jnp.linspace(lo, hi, k - 1))
+    return jnp.concatenate([jnp.zeros(1), t, jnp.ones(1)])
+  if grid.startswith("late"):
+    return multistep_lib.multistep_grid(k, float(grid[len("late"):]))
+  return multistep_lib.multistep_grid(k, GRID_POWER[grid])
+
+
+def sde_multistep(velocity_fn, x, key, t, variant: str):
+  """Memoryless-SDE (eta = 1) DPM-Solver++ variants for the K = 10 study (benchmark-only, Python-unrolled): '2m'
+  (midpoint, = ``multistep.dpm_solver_2m``), '2m_heun' (the Heun-type correction coefficient 1 - (1 - e^{-2h}) / 2h)
+  and '3m' (third order from the last three data predictions; Lu et al. 2022 / k-diffusion's 3M SDE form)."""
   k_steps = t.shape[0] - 1
-  ts = t.at[0].set(1e-4)  # lambda(0) = -inf; the first step forgets X_0 anyway (memoryless) / is DDIM (ODE)
+  ts = t.at[0].set(1e-4)
   lam = jnp.log(S.alpha(ts) / S.beta(jnp.minimum(ts, 1.0 - 1e-6)))
-  d_prev = h_prev = None
+  ds, hs = [], []
   keys = jax.random.split(key, k_steps)
   for k in range(k_steps):
     s, tn = ts[k], t[k + 1]
     v = velocity_fn(x, jnp.full((x.shape[0],), s))
     d = (S.beta(s) * v - S.beta_dot(s) * x) / (S.alpha_dot(s) * S.beta(s) - S.alpha(s) * S.beta_dot(s))
-    if k == k_steps - 1:  # beta(1) = 0: X_1 = D
+    if k == k_steps - 1:
       return d
     h = lam[k + 1] - lam[k]
-    if memoryless:
-      c_x, one_minus = (S.beta(tn) / S.beta(s)) * jnp.exp(-h), -jnp.expm1(-2.0 * h)
-    else:
-      c_x, one_minus = S.beta(tn) / S.beta(s), -jnp.expm1(-h)
-    x_new = c_x * x + S.alpha(tn) * one_minus * d
-    if d_prev is not None:
-      x_new = x_new + 0.5 * S.alpha(tn) * one_minus * (h / h_prev) * (d - d_prev)
-    if memoryless:
-      x_new = x_new + S.beta(tn) * jnp.sqrt(one_minus) * jax.random.normal(keys[k], x.shape)
-    x, d_prev, h_prev = x_new, d, h
+    one_minus = -jnp.expm1(-2.0 * h)
+    phi2 = 1.0 - one_minus / (2.0 * h)
+    x_new = (S.beta(tn) / S.beta(s)) * jnp.exp(-h) * x + S.alpha(tn) * one_minus * d
+    if variant == "3m" and len(ds) >= 2:
+      r0, r1 = hs[-1] / h, hs[-2] / h
+      d10, d11 = (d - ds[-1]) / r0, (ds[-1] - ds[-2]) / r1
+      d1, d2 = d10 + (d10 - d11) * r0 / (r0 + r1), (d10 - d11) / (r0 + r1)
+      x_new = x_new + S.alpha(tn) * (phi2 * d1 - (phi2 / (2.0 * h) - 0.5) * d2)
+    elif ds:
+      coef = 0.5 * one_minus if variant == "2m" else phi2
+      x_new = x_new + S.alpha(tn) * coef * (d - ds[-1]) / (hs[-1] / h)
+    x = x_new + S.beta(tn) * jnp.sqrt(one_minus) * jax.random.normal(keys[k], x.shape)
+    ds.append(d)
+    hs.append(h)
   return x
+
+
+def sde_k10(seeds=(0, 1, 2), n=20000, k=10):
+  """Can any velocity-only stochastic scheme sample the memoryless SDE at K = 10 as closely as Euler at K = 40?"""
+  out = {}
+  for name, mix in [("1d_bimodal", gmm.bimodal_1d()), ("2d_ring", gmm.ring_2d(**RING))]:
+    vf = lambda x, t, mix=mix: gmm.velocity(mix, x, t, S)  # noqa: E731
+    for variant in ("2m", "2m_heun", "3m"):
+      for grid in ("uniform", "late1.5", "logsnr-4:4", "logsnr-3:5"):
+        dists = []
+        for seed in seeds:
+          k0, kn, k1 = jax.random.split(jax.random.PRNGKey(seed), 3)
+          x0 = jax.random.normal(k0, (n, mix.dim))
+          xs = jax.jit(lambda x0, kn: sde_multistep(vf, x0, kn, sde_grid(k, grid), variant))(x0, kn)  # noqa: B023
+          if mix.dim == 1:
+            dists.append(metrics.wasserstein1_to_cdf(xs, lambda z: np.asarray(gmm.cdf_1d(mix, z))))  # noqa: B023
+          else:
+            dists.append(float(metrics.sliced_wasserstein1(xs, gmm.sample(mix, k1, n))))
+        key_name = f"{name}/memoryless/{variant}/{grid}/K={k}"
+        out[key_name] = {"distance": _summary(dists)}
+        print(f"{key_name:45s} {np.mean(dists):.4f} +- {np.std(dists, ddof=1):.4f}", flush=True)
+  return out
 
 
 def multistep(seeds=(0, 1, 2), n=20000):
@@ -282,7 +313,8 @@ def multistep(seeds=(0, 1, 2), n=20000):
               x0, kn)
         else:
           d, g, k = spec
-          xs = jax.jit(lambda x0, kn: dpmpp_2m(vf, x0, kn, multistep_grid(k, g), d == "memoryless"))(x0, kn)  # noqa: B023
+          xs = jax.jit(lambda x0, kn: multistep_lib.dpm_solver_2m(  # noqa: B023
+              vf, x0, kn, S, k, d == "memoryless", GRID_POWER[g]))(x0, kn)  # noqa: B023
         if mix.dim == 1:
           dists.append(metrics.wasserstein1_to_cdf(xs, lambda z: np.asarray(gmm.cdf_1d(mix, z))))  # noqa: B023
         else:
@@ -294,7 +326,7 @@ def multistep(seeds=(0, 1, 2), n=20000):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--part", choices=["base", "finetune", "reuse", "fixed_point", "multistep"], default="base")
+  parser.add_argument("--part", choices=["base", "finetune", "reuse", "fixed_point", "multistep", "sde_k10"], default="base")
   parser.add_argument("--budget_s", type=float, default=60.0)
   parser.add_argument("--repeats", default="1,2,4,8")
   parser.add_argument("--integrator", default="euler")
@@ -314,6 +346,8 @@ def main():
     result = fixed_point()
   elif args.part == "multistep":
     result = multistep(seeds)
+  elif args.part == "sde_k10":
+    result = sde_k10(seeds)
   elif args.part == "reuse":
     result = reuse(seeds, args.budget_s, tuple(int(r) for r in args.repeats.split(",")), args.integrator,
                    only=tuple(args.problems.split(",")), optimiser_steps=args.optimiser_steps)

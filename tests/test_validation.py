@@ -107,6 +107,13 @@ def test_sample_diffusion_values_are_rejected(text, tmp_path):
     jobs.sample(launch_helpers.tiny_config(), str(tmp_path), diffusion=text)
 
 
+@pytest.mark.parametrize("kw,match", [({"integrator": "rk4"}, "--integrator='rk4'"),
+                                      ({"integrator": "dpmpp_2m", "diffusion": "0.5"}, "--integrator=dpmpp_2m needs")])
+def test_sample_integrator_values_are_rejected(kw, match, tmp_path):
+  with pytest.raises(ValueError, match=match):
+    jobs.sample(launch_helpers.tiny_config(), str(tmp_path), **kw)
+
+
 def test_sample_counts_are_rejected(tmp_path):
   with pytest.raises(ValueError, match="--num_samples=0"):
     jobs.sample(launch_helpers.tiny_config(), str(tmp_path), num_samples=0)

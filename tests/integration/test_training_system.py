@@ -60,6 +60,9 @@ def test_stop_and_resume_gives_identical_parameters(tmp_path, reference):
   out = jobs.sample(cfg, str(tmp_path), diffusion="0.5", num_samples=256)
   assert np.isfinite(out["reward_mean"]) and out["num_steps"] == cfg.am.num_steps
   assert np.load(tmp_path / "samples_finetuned_0.5.npz")["samples"].shape == (256, 2)
+  out = jobs.sample(cfg, str(tmp_path), diffusion="ode", num_samples=256, num_steps=10, integrator="dpmpp_2m")
+  assert np.isfinite(out["reward_mean"]) and (out["num_steps"], out["integrator"]) == (10, "dpmpp_2m")
+  assert np.all(np.isfinite(np.load(tmp_path / "samples_finetuned_ode_dpmpp_2m.npz")["samples"]))
 
 
 def test_sigkill_during_run_then_resume(tmp_path, reference, tiny_base_dir):
