@@ -44,7 +44,10 @@ FUNCTIONS = ("am_eam_runs", "soc_linear_ou_run")
 def _runs_on_one_device() -> dict:
   """{function: function()} for every function of FUNCTIONS, all in ONE fresh Python with one CPU device and XLA's
   default compilation (``launch_helpers.env(1, plain=True)``, as captured): one process start-up for both tests."""
-  code = ("import json; from tests import test_golden; "
+  # models.shared_time_default off: the captured programs computed the MLP's time embedding per row; the shared-time
+  # path changes the last bits only (tests/test_models.py checks it to float rounding).
+  code = ("import json; from am_jax import models; models.shared_time_default = lambda: False; "
+          "from tests import test_golden; "
           f"print(json.dumps({{f: getattr(test_golden, f)() for f in {FUNCTIONS!r}}}))")
   return launch_helpers.json_from_fresh_python(code)
 
