@@ -17,6 +17,7 @@ time steps).  Every result is returned, so nothing is dead code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -129,6 +130,18 @@ def init_state(bench: Bench, mesh=None):
   if mesh is not None:
     return sharding.replicate_tree(state, mesh), sharding.replicate_tree(bench.base_params, mesh)
   return state, jax.tree.map(jnp.asarray, bench.base_params)
+
+
+@contextlib.contextmanager
+def per_row_time():
+  """Programs compiled inside take ``models.MLP``'s per-row time embedding (the code before the shared-time path,
+  ``models.shared_time_default``), to time "today's floor" and step beside the new ones."""
+  saved = models.shared_time_default
+  models.shared_time_default = lambda: False
+  try:
+    yield
+  finally:
+    models.shared_time_default = saved
 
 
 def compile_timed(jitted, *args):

@@ -12,7 +12,10 @@ donation) on a freshly initialised base, and reports (printed and written as JSO
   step's shapes (their sum differs from the step by what XLA fuses across the boundaries);
 * ``floor``: a jitted function with only the network work (``benchmarks.common.make_floor``) and
   ``step_over_floor``;
-* per solver in ``--solvers`` (default scan and diffrax), and the compiled memory analysis.
+* per solver in ``--solvers`` (default scan and diffrax), and the compiled memory analysis;
+* ``floor_per_row`` / ``scan/step_per_row``: the floor and the step compiled with ``models.MLP``'s per-row time
+  embedding (``common.per_row_time``: the code before its shared-time path), in the same interleaved rounds, and
+  ``floor_per_row_over_step`` = today's floor / the new step (issue 17's ">= 1.2x below the floor").
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
   base_local = jax.tree.map(jax.numpy.asarray, problem.base_params)
   runs, compile_s, memory = {}, {}, {}
   runs["floor"], compile_s["floor"] = common.floor_runner(problem, problem.params, base_local)
+  with common.per_row_time():  # the floor of the code before models.MLP's shared-time path (issue 17)
+    runs["floor_per_row"], compile_s["floor_per_row"] = common.floor_runner(problem, problem.params, base_local)
   if pieces:  # the floor of each piece: forwards (sampling), VJPs (adjoint), loss value_and_grad
     for name, part in (("sample", "forward"), ("adjoint", "vjp"), ("loss_update", "loss")):
       runs[f"floor/{name}"], compile_s[f"floor/{name}"] = common.floor_runner(problem, problem.params, base_local,
@@ -72,6 +77,11 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       runs["scan/step_recompute"], compile_s["scan/step_recompute"], _ = common.step_runner(
           common.make_step(problem, mesh, dataclasses.replace(config, reuse_base_velocity=False)), state,
           base_params)
+    if solver == "scan":
+      state, base_params = common.init_state(problem, mesh)
+      with common.per_row_time():
+        runs["scan/step_per_row"], compile_s["scan/step_per_row"], _ = common.step_runner(
+            common.make_step(problem, mesh, config), state, base_params)
     if pieces:
       state_l, _ = common.init_state(problem, None)
       for name, r in common.piece_runners(problem, state_l, base_local, config).items():
@@ -99,6 +109,10 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       res["step_recompute_s"] = med["scan/step_recompute"]
       res["floor_over_step"] = med["floor"] / step_s
       res["recompute_over_step"] = med["scan/step_recompute"] / step_s
+    if solver == "scan":
+      res["step_per_row_s"] = med["scan/step_per_row"]
+      res["floor_per_row_s"] = med["floor_per_row"]
+      res["floor_per_row_over_step"] = med["floor_per_row"] / step_s
     out[solver] = res
     line = (f"{solver:8s} step {1e3 * step_s:8.2f} ms  compile {res['compile_s']:5.1f} s  "
             f"step/floor {res['step_over_floor']:.3f}")
@@ -106,6 +120,10 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       line += "  pieces " + " ".join(f"{k} {1e3 * v:.2f} ({res['pieces_over_floor'][k]:.2f}x)"
                                      for k, v in res["pieces_s"].items())
     print(line, flush=True)
+    if "floor_per_row_over_step" in res:
+      print(f"{'':8s} shared-time MLP path: today's floor (per-row time) {1e3 * res['floor_per_row_s']:.2f} ms, "
+            f"step (per-row time) {1e3 * res['step_per_row_s']:.2f} ms; floor_per_row/step "
+            f"{res['floor_per_row_over_step']:.3f}", flush=True)
     if "floor_over_step" in res:
       print(f"{'':8s} base evaluations reused: floor/step {res['floor_over_step']:.3f}, "
             f"recompute/step {res['recompute_over_step']:.3f} (recompute {1e3 * res['step_recompute_s']:.2f} ms)",
