@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "adjoint", "builders", "checkpointing", "classifiers", "data", "dynamics", "gmm", "jobs", "launch", "lora",
     "losses", "methods", "metrics", "models", "monitor", "multistep", "parameterisation", "problem", "reporting",
-    "rewards", "sampling", "schedules", "sharding", "soc", "training",
+    "rewards", "sampling", "schedules", "sharding", "soc", "time_hints", "training",
 )
 
 # Top-level names -> the submodule that defines them.
@@ -84,13 +84,13 @@ __all__ = [
     # submodules
     "adjoint", "builders", "checkpointing", "classifiers", "data", "dynamics", "gmm", "jobs", "launch", "lora",
     "losses", "metrics", "models", "monitor", "multistep", "parameterisation", "problem", "reporting", "rewards",
-    "sampling", "schedules", "sharding", "soc", "training",
+    "sampling", "schedules", "sharding", "soc", "time_hints", "training",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
   from am_jax import (adjoint, builders, checkpointing, classifiers, data, dynamics, gmm, jobs, launch, lora,
                       losses, methods, metrics, models, monitor, multistep, parameterisation, problem, reporting,
-                      rewards, sampling, schedules, sharding, soc, training)
+                      rewards, sampling, schedules, sharding, soc, time_hints, training)
   from am_jax.adjoint import lean_adjoint
   from am_jax.builders import ConfigError, build_problem
   from am_jax.checkpointing import Checkpointer

@@ -33,6 +33,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from am_jax import time_hints
 from am_jax.dynamics import checked
 from am_jax.sampling import (Step, StepCoefficients, _nearest_index, advance, drift_of, per_step, segment_noise,
                              segment_steps, step_at, step_drift, step_time)
@@ -72,12 +73,15 @@ def _adjoint_vjp(base_velocity_fn, x_k, s: Step, a_next, with_velocity: bool = F
   (free: the VJP evaluates it anyway), as ``(increment, v_base)``.
   """
   t_k = jnp.full((x_k.shape[0],), s.tau, dtype=jnp.float32)
+  with time_hints.batch_shares_time():  # every row at tau_k (models.MLP's shared-time path)
+    if s.gain is not None:
+      v, vjp = jax.vjp(lambda x: base_velocity_fn(x, t_k), x_k)
+    else:
+      # v rides along as aux: the VJP is of the same function as without it (bit-identical increments).
+      _, vjp, v = jax.vjp(lambda x: (lambda v: (drift_of(v, x, s), v))(base_velocity_fn(x, t_k)), x_k, has_aux=True)
   if s.gain is not None:
-    v, vjp = jax.vjp(lambda x: base_velocity_fn(x, t_k), x_k)
     inc = (s.lin - 1.0) * a_next + s.gain * vjp(a_next)[0]
   else:
-    # v rides along as aux: the VJP is of the same function as without it (bit-identical increments).
-    _, vjp, v = jax.vjp(lambda x: (lambda v: (drift_of(v, x, s), v))(base_velocity_fn(x, t_k)), x_k, has_aux=True)
     inc = s.dt * vjp(a_next)[0]
   return (inc, v) if with_velocity else inc
 
@@ -130,7 +134,8 @@ def _lean_adjoint_diffrax(base_velocity_fn, traj, a1, coeffs):
     x_k = traj[k]
     if coeffs.gain is not None:  # exponential: the increment of the exact step VJP, divided by -h_k
       return -_adjoint_vjp(base_velocity_fn, x_k, step_at(coeffs, k), a) / coeffs.dt[k]
-    _, vjp = jax.vjp(lambda x: step_drift(base_velocity_fn(x, step_time(coeffs, k, x.shape[0])), x, coeffs, k), x_k)
+    with time_hints.batch_shares_time():
+      _, vjp = jax.vjp(lambda x: step_drift(base_velocity_fn(x, step_time(coeffs, k, x.shape[0])), x, coeffs, k), x_k)
     return -vjp(a)[0]
 
   sol = diffrax.diffeqsolve(diffrax.ODETerm(vector_field), diffrax.Euler(), t0=ts[-1], t1=ts[0], dt0=None, y0=a1,

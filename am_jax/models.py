@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from am_jax import time_hints
+
 
 
 def sinusoidal_embedding(t, dim: int, max_period: float = 10000.0):
@@ -47,11 +49,13 @@ class MLP(nnx.Module):
   ``num_classes > 0`` adds a label embedding with one extra "null" label (index num_classes)
   for classifier-free guidance.
 
-  Shared time (``shared_time``; None = ``shared_time_default()``, i.e. on CPU): when every row of t is the same time
-  (a sampler or adjoint step), the time embedding and its product with the first layer's time rows are computed once
-  and broadcast instead of per row: x W_x + (emb(t_0) W_t + b) instead of [x, emb(t)] W + b.  A ``lax.cond`` on
-  ``all(t == t_0)`` picks the path at run time, so any t is valid input (the loss's rows at different times take the
-  per-row path, bit-identical to the model without it); the shared path agrees to float rounding.  Measured: a 40-step
+  Shared time: when every row of t is the same time (a sampler or adjoint step), the time embedding and its product
+  with the first layer's time rows are computed once and broadcast instead of per row: x W_x + (emb(t_0) W_t + b)
+  instead of [x, emb(t)] W + b.  A ``lax.cond`` on ``all(t == t_0)`` picks the path at run time, so any t is valid
+  input (rows at different times take the per-row path, bit-identical to the model without it); the shared path
+  agrees to float rounding.  ``shared_time``: True = always guarded, False = never, None (default) = on CPU
+  (``shared_time_default``) inside the library's sampler / adjoint steps (``time_hints.batch_shares_time``), where
+  the cond is free; per-row calls (losses, pre-training) run the per-row code with no cond.  Measured: a 40-step
   rollout of the 3x128 net at B = 256, 1.2x faster on a 2-core CPU (``python -m benchmarks.time_embedding``).
   """
 
@@ -89,7 +93,7 @@ class MLP(nnx.Module):
       h = x @ kernel[:d] + (emb @ kernel[d:d + e] + first.bias[...])
       return h + label_emb[0] @ kernel[d + e:] if label_emb else h
 
-    use_shared = shared_time_default() if self.shared_time is None else self.shared_time
+    use_shared = (shared_time_default() and time_hints.shares_time()) if self.shared_time is None else self.shared_time
     h = jax.lax.cond(jnp.all(t == t[0]), shared, per_row, None) if use_shared and x.shape[0] > 1 else per_row(None)
     h = nnx.silu(h)
     for layer in rest:

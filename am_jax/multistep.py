@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from am_jax import schedules as schedules_lib
+from am_jax import time_hints
 
 __all__ = ["dpm_solver_2m", "multistep_grid"]
 
@@ -97,7 +98,9 @@ def dpm_solver_2m(velocity_fn: Callable, x0, key, schedule: schedules_lib.Schedu
   def step(carry, inp):
     x, d_prev = carry
     s_k, p_k, q_k, cx, cd, cc, ns, xi = inp
-    d = p_k * velocity_fn(x, jnp.full((x.shape[0],), s_k, jnp.float32)) + q_k * x
+    with time_hints.batch_shares_time():
+      v = velocity_fn(x, jnp.full((x.shape[0],), s_k, jnp.float32))
+    d = p_k * v + q_k * x
     x_next = cx * x + cd * d + cc * (d - d_prev) + ns * xi
     return (x_next, d), x_next
 

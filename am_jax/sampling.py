@@ -39,6 +39,7 @@ import lineax as lx
 import numpy as np
 
 from am_jax import schedules as schedules_lib
+from am_jax import time_hints
 from am_jax.dynamics import _bcast
 
 SOLVERS = ("scan", "diffrax")
@@ -293,13 +294,15 @@ def _check_inputs(x0, noise, coeffs):
 
 def euler(velocity_fn, x, noise_k, s: Step):
   """One Euler-Maruyama step with coefficients s and the standard normal draw noise_k."""
-  v = velocity_fn(x, jnp.full((x.shape[0],), s.tau, dtype=jnp.float32))
+  with time_hints.batch_shares_time():
+    v = velocity_fn(x, jnp.full((x.shape[0],), s.tau, dtype=jnp.float32))
   return x + s.dt * drift_of(v, x, s) + s.sigma * (noise_k * jnp.sqrt(s.dt))
 
 
 def exponential(velocity_fn, x, noise_k, s: Step):
   """One exponential-integrator step: lin x + gain v(x, tau) + noise_scale xi (``exponential_step``)."""
-  v = velocity_fn(x, jnp.full((x.shape[0],), s.tau, dtype=jnp.float32))
+  with time_hints.batch_shares_time():
+    v = velocity_fn(x, jnp.full((x.shape[0],), s.tau, dtype=jnp.float32))
   return s.lin * x + s.gain * v + s.noise_scale * noise_k
 
 
@@ -401,7 +404,8 @@ def _simulate_diffrax_exponential(velocity_fn, x0, noise, coeffs):
   batch, ts, num_steps = x0.shape[0], coeffs.t, coeffs.num_steps
 
   def velocity(t, x, args):
-    return velocity_fn(x, jnp.full((batch,), t, dtype=jnp.float32))
+    with time_hints.batch_shares_time():
+      return velocity_fn(x, jnp.full((batch,), t, dtype=jnp.float32))
 
   def increments(t0, t1):
     return noise[jnp.minimum(_nearest_index(ts, t0), num_steps - 1)] * jnp.sqrt(t1 - t0)
@@ -424,7 +428,9 @@ def _simulate_diffrax(velocity_fn, x0, noise, coeffs):
 
   def drift(t, x, args):
     k = step_of(t)
-    return step_drift(velocity_fn(x, step_time(coeffs, k, batch)), x, coeffs, k)
+    with time_hints.batch_shares_time():
+      v = velocity_fn(x, step_time(coeffs, k, batch))
+    return step_drift(v, x, coeffs, k)
 
   def diffusion(t, x, args):
     return lx.DiagonalLinearOperator(jnp.broadcast_to(coeffs.sigma[step_of(t)], x.shape).astype(x.dtype))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from am_jax import models
+from am_jax import models, time_hints
 from tests import model_helpers
 
 
@@ -49,7 +49,17 @@ def test_mlp_shared_time_path_matches_per_row():
   assert _max_abs_diff(*grads) < 1e-5
   np.testing.assert_allclose(roll[0], roll[1], atol=1e-5)
   np.testing.assert_array_equal(jax.jit(fast)(p, x, rows_t, label), jax.jit(slow)(p, x, rows_t, label))
-  assert models.MLP(2, rngs=nnx.Rngs(0)).shared_time is None  # None: shared_time_default() (on for CPU)
+  # Default (None): the per-row code unless traced inside time_hints.batch_shares_time() (and on CPU).
+  auto, _ = models.functional(models.MLP(2, hidden=(32, 32), num_classes=3, rngs=nnx.Rngs(0)))
+  np.testing.assert_array_equal(jax.jit(auto)(p, x, shared_t, label), jax.jit(slow)(p, x, shared_t, label))
+
+  def hinted(q, y, t, lab):
+    with time_hints.batch_shares_time():
+      return auto(q, y, t, lab)
+
+  assert not time_hints.shares_time()
+  np.testing.assert_array_equal(jax.jit(hinted)(p, x, shared_t, label), jax.jit(fast)(p, x, shared_t, label))
+  np.testing.assert_array_equal(jax.jit(hinted)(p, x, rows_t, label), jax.jit(slow)(p, x, rows_t, label))
 
 
 def test_unet_shapes_and_null_label():
