@@ -7,7 +7,7 @@ same budget, changing only the diffusion coefficient used during fine-tuning (me
 constant 1.0), for each seed of ``--seeds``; samples each model with the ODE.  Writes ``toy_fig2.png`` (the
 first seed) and ``toy_fig2.json`` (per seed and mean / std over seeds: W1 to the exact target CDF, right-mode
 mass).  ~1 min per seed on 2 idle CPU cores (1000 steps x 3).  Expected (2026-11-26, seeds 0-2, default
-``--optimiser=tuned``): memoryless W1 0.023 ± 0.002, mass 0.873 (target 0.881); constant sigma 0.2 / 1.0: W1 0.78 /
+``--optimiser=tuned``): memoryless W1 0.030 ± 0.001, mass 0.863 (target 0.881); constant sigma 0.2 / 1.0: W1 0.78 /
 0.21, mass 0.53 / 0.80.
 """
 from __future__ import annotations
