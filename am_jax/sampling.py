@@ -483,7 +483,7 @@ def sample(apply_fn: Callable, params, key, x_shape, schedule, diffusion="memory
   x0 = jax.random.normal(k0, tuple(x_shape), jnp.float32)
   if integrator == "dpmpp_2m":
     from am_jax import multistep  # pylint: disable=g-import-not-at-top
-    if isinstance(diffusion, str) and diffusion not in ("ode", "memoryless") or not isinstance(diffusion, str):
+    if not (isinstance(diffusion, str) and diffusion in ("ode", "memoryless")):
       raise ValueError(f"integrator='dpmpp_2m' needs diffusion 'ode' or 'memoryless', got {diffusion!r}.")
     if solver != "scan":
       raise ValueError(f"integrator='dpmpp_2m' runs on solver='scan' only, got {solver!r}.")
