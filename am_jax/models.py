@@ -18,6 +18,7 @@ gradient is computed with an explicitly flipped and transposed (HWIO) kernel.  I
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import jax
@@ -41,6 +42,20 @@ def shared_time_default() -> bool:
   """Whether models take the shared-time path by default: on XLA:CPU, where it was measured (docs/performance.md
   section 12.10).  On accelerators the branch's predicate would be read by the host once per network call."""
   return jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def per_row_time():
+  """Programs traced inside run ``MLP``'s per-row time embedding whatever ``shared_time_default`` says (the code
+  before the shared-time path): for timing "before" beside "after" (``benchmarks.train_step``) and for the golden
+  test's bit-identical programs.  Swaps the module's default while the block runs."""
+  global shared_time_default
+  saved = shared_time_default
+  shared_time_default = lambda: False  # noqa: E731
+  try:
+    yield
+  finally:
+    shared_time_default = saved
 
 
 class MLP(nnx.Module):

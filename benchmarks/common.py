@@ -17,7 +17,6 @@ time steps).  Every result is returned, so nothing is dead code.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -132,16 +131,7 @@ def init_state(bench: Bench, mesh=None):
   return state, jax.tree.map(jnp.asarray, bench.base_params)
 
 
-@contextlib.contextmanager
-def per_row_time():
-  """Programs compiled inside take ``models.MLP``'s per-row time embedding (the code before the shared-time path,
-  ``models.shared_time_default``), to time "today's floor" and step beside the new ones."""
-  saved = models.shared_time_default
-  models.shared_time_default = lambda: False
-  try:
-    yield
-  finally:
-    models.shared_time_default = saved
+per_row_time = models.per_row_time  # the code before models.MLP's shared-time path (issue 17)
 
 
 def compile_timed(jitted, *args):

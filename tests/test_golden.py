@@ -40,15 +40,21 @@ def am_eam_runs() -> dict:
 FUNCTIONS = ("am_eam_runs", "soc_linear_ou_run")
 
 
+def per_row(function):
+  """``function()`` with every MLP program traced on its per-row time embedding (``models.per_row_time``)."""
+  from am_jax import models
+  with models.per_row_time():
+    return function()
+
+
 @functools.lru_cache(maxsize=None)
 def _runs_on_one_device() -> dict:
   """{function: function()} for every function of FUNCTIONS, all in ONE fresh Python with one CPU device and XLA's
   default compilation (``launch_helpers.env(1, plain=True)``, as captured): one process start-up for both tests."""
-  # models.shared_time_default off: the captured programs computed the MLP's time embedding per row; the shared-time
-  # path changes the last bits only (tests/test_models.py checks it to float rounding).
-  code = ("import json; from am_jax import models; models.shared_time_default = lambda: False; "
-          "from tests import test_golden; "
-          f"print(json.dumps({{f: getattr(test_golden, f)() for f in {FUNCTIONS!r}}}))")
+  # models.per_row_time: the captured programs computed the MLP's time embedding per row; the shared-time path
+  # changes the last bits only (tests/test_models.py checks it to float rounding).
+  code = ("import json; from am_jax import models; from tests import test_golden; "
+          f"print(json.dumps({{f: test_golden.per_row(getattr(test_golden, f)) for f in {FUNCTIONS!r}}}))")
   return launch_helpers.json_from_fresh_python(code)
 
 
