@@ -270,13 +270,19 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
     v_base_sel = jax.lax.stop_gradient(v_base_sel)
     chex.assert_equal_shape([x_sel, v_base_sel])
   chex.assert_axis_dimension(x_sel, 0, idx.shape[0])
+  # With the base velocities in hand and a residual fine-tuned model around this base, ft - v_base is the residual
+  # network alone: the base forward inside ft at the M * B loss points is skipped (to float rounding).
+  difference = None if v_base_sel is None else parameterisation.residual_difference(ft_apply_fn, base_apply_fn,
+                                                                                     base_params)
+  if difference is not None:
+    difference = parameterisation.mixed_precision(difference, config.network_dtype)
   ft_apply_fn = parameterisation.mixed_precision(ft_apply_fn, config.network_dtype)
   base_apply_fn = parameterisation.mixed_precision(base_apply_fn, config.network_dtype)
   coeffs = config.coefficients()
   m, b = idx.shape[0], x_sel.shape[1]
   if config.chunk_loss:
     terms, u_sq, target_sq = _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx,
-                                            coeffs, cond, v_base_sel)
+                                            coeffs, cond, v_base_sel, difference)
   else:
     x = x_sel.reshape((m * b,) + x_sel.shape[2:])
     a = a_sel.reshape((m * b,) + x_sel.shape[2:])
@@ -284,13 +290,18 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
     sig = jnp.repeat(coeffs.loss_sigma[idx], b)
     one_plus_c = jnp.repeat(1.0 + coeffs.loss_drift_scale[idx], b)
     cond_m = _tile_cond(cond, m)
-    v_ft = ft_apply_fn(ft_params, x, t, *cond_m)
-    if v_base_sel is None:
-      v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_m))
+    if difference is not None:
+      diff = difference(ft_params, x, t, *cond_m)
     else:
-      v_base = v_base_sel.reshape(x.shape)
-    chex.assert_equal_shape([v_ft, v_base, x])
-    u = _bcast(one_plus_c / sig, x) * (v_ft - v_base)
+      v_ft = ft_apply_fn(ft_params, x, t, *cond_m)
+      if v_base_sel is None:
+        v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_m))
+      else:
+        v_base = v_base_sel.reshape(x.shape)
+      chex.assert_equal_shape([v_ft, v_base])
+      diff = v_ft - v_base
+    chex.assert_equal_shape([diff, x])
+    u = _bcast(one_plus_c / sig, x) * diff
     target = -_bcast(sig, x) * a
     terms = jnp.sum(((u - target) ** 2).reshape(m * b, -1), axis=-1)
     u_sq = jnp.sum((u**2).reshape(m * b, -1), -1)
@@ -314,22 +325,28 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
 
 
 def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, coeffs, cond,
-                   v_base_sel=None):
+                   v_base_sel=None, difference=None):
   """Per-term losses (M * B,) and |u|^2, |target|^2, one loss time step per ``lax.scan`` iteration.
 
   Each iteration is a ``jax.checkpoint``: the backward pass stores only its inputs and recomputes the
-  network activations of one time step (batch B) at a time.
+  network activations of one time step (batch B) at a time.  ``difference``: ft - base without the base
+  (``parameterisation.residual_difference``), used when given (with ``v_base_sel``).
   """
   m, b = idx.shape[0], x_sel.shape[1]
 
   @jax.checkpoint
   def one_step(params, x, a, tau, sig, one_plus_c, v_base):
     t = jnp.full((b,), tau, jnp.float32)
-    v_ft = ft_apply_fn(params, x, t, *cond)
-    if v_base is None:
-      v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond))
-    chex.assert_equal_shape([v_ft, v_base, x])
-    u = (one_plus_c / sig).astype(x.dtype) * (v_ft - v_base)
+    if difference is not None:
+      diff = difference(params, x, t, *cond)
+    else:
+      v_ft = ft_apply_fn(params, x, t, *cond)
+      if v_base is None:
+        v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond))
+      chex.assert_equal_shape([v_ft, v_base])
+      diff = v_ft - v_base
+    chex.assert_equal_shape([diff, x])
+    u = (one_plus_c / sig).astype(x.dtype) * diff
     target = -sig.astype(x.dtype) * a
     flat = lambda z: z.reshape(b, -1)  # noqa: E731
     return (jnp.sum(flat(u - target) ** 2, -1), jnp.sum(flat(u) ** 2, -1), jnp.sum(flat(target) ** 2, -1))

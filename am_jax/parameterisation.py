@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from am_jax.dynamics import _bcast
 
-__all__ = ["NETWORK_DTYPES", "guided", "mixed_precision", "residual_model"]
+__all__ = ["NETWORK_DTYPES", "guided", "mixed_precision", "residual_difference", "residual_model"]
 
 
 NETWORK_DTYPES = ("float32", "bfloat16")
@@ -37,6 +37,7 @@ def mixed_precision(apply_fn: Callable, dtype="float32") -> Callable:
   def wrapped(params, x, t, *cond):
     return apply_fn(jax.tree.map(cast, params), cast(x), t, *cond).astype(jnp.float32)
 
+  wrapped.__wrapped__ = apply_fn  # lets ``residual_difference`` recognise the same base in another precision
   return wrapped
 
 
@@ -46,16 +47,39 @@ def residual_model(base_apply_fn: Callable, base_params, net_apply_fn: Callable,
   if parameterisation not in ("control", "velocity"):
     raise ValueError(f"parameterisation must be 'control' or 'velocity', got {parameterisation!r}.")
 
+  def difference(net_params, x, t, *cond):
+    """The fine-tuned minus the base velocity: the residual alone (no base evaluation)."""
+    out = net_apply_fn(net_params, x, t, *cond)
+    if parameterisation == "control":
+      out = 0.5 * _bcast(schedule.memoryless_sigma(t), x) * out
+    return out
+
   def apply_fn(net_params, x, t, *cond):
     # Freeze the base *parameters* only: gradients w.r.t. x must still flow through the base, or
     # methods that differentiate through the states (discrete adjoint, DRaFT) get wrong Jacobians.
     v_base = base_apply_fn(jax.lax.stop_gradient(base_params), x, t, *cond)
-    out = net_apply_fn(net_params, x, t, *cond)
-    if parameterisation == "control":
-      out = 0.5 * _bcast(schedule.memoryless_sigma(t), x) * out
-    return v_base + out
+    return v_base + difference(net_params, x, t, *cond)
 
+  apply_fn.residual_of = (base_apply_fn, base_params, difference)  # read by ``residual_difference``
   return apply_fn
+
+
+def residual_difference(ft_apply_fn: Callable, base_apply_fn: Callable, base_params) -> Callable | None:
+  """``difference(net_params, x, t, *cond)`` = ft - base without evaluating the base, or None.
+
+  Not None only when ``ft_apply_fn`` is a ``residual_model`` around this very base: ``base_apply_fn`` (or the same
+  function in another precision, ``mixed_precision``) with the same ``base_params`` object (inside a jitted step:
+  the step's own argument).  A loss that already holds v_base(x, t) (``AMConfig.reuse_base_velocity``) then needs
+  only the residual network where it computed ft(x, t) - v_base(x, t), a base forward per loss point less; the
+  result agrees to float rounding (ft - v_base rounds the sum first).  A residual model around another base
+  (e.g. ``toy.finetune_mixture(init=...)``) or any other model gives None: the caller evaluates ft itself.
+  """
+  parts = getattr(ft_apply_fn, "residual_of", None)
+  if parts is None:
+    return None
+  base_fn, params, difference = parts
+  same_fn = base_fn is base_apply_fn or getattr(base_fn, "__wrapped__", None) is base_apply_fn
+  return difference if same_fn and params is base_params else None
 
 
 def guided(apply_fn: Callable, weight: float, null_label: int) -> Callable:

@@ -17,6 +17,7 @@ time steps).  Every result is returned, so nothing is dead code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -132,6 +133,19 @@ def init_state(bench: Bench, mesh=None):
 
 
 per_row_time = models.per_row_time  # the code before models.MLP's shared-time path (issue 17)
+
+
+@contextlib.contextmanager
+def base_in_loss():
+  """Steps traced inside evaluate the whole fine-tuned model at the loss points (ft - v_base), as before the loss
+  took the residual network alone (``parameterisation.residual_difference``, issue 17): the step before it."""
+  from am_jax import parameterisation
+  original = parameterisation.residual_difference
+  parameterisation.residual_difference = lambda *args: None
+  try:
+    yield
+  finally:
+    parameterisation.residual_difference = original
 
 
 def compile_timed(jitted, *args):

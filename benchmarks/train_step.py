@@ -15,7 +15,9 @@ donation) on a freshly initialised base, and reports (printed and written as JSO
 * per solver in ``--solvers`` (default scan and diffrax), and the compiled memory analysis;
 * ``floor_per_row`` / ``scan/step_per_row``: the floor and the step compiled with ``models.MLP``'s per-row time
   embedding (``common.per_row_time``: the code before its shared-time path), in the same interleaved rounds, and
-  ``floor_per_row_over_step`` = today's floor / the new step (issue 17's ">= 1.2x below the floor").
+  ``floor_per_row_over_step`` = today's floor / the new step (issue 17's ">= 1.2x below the floor");
+* ``scan/step_base_in_loss``: the step evaluating ft - v_base at the loss points instead of the residual network
+  alone (``common.base_in_loss``; the same program for full / LoRA models), and ``base_in_loss_over_step``.
 """
 from __future__ import annotations
 
@@ -77,6 +79,13 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       runs["scan/step_recompute"], compile_s["scan/step_recompute"], _ = common.step_runner(
           common.make_step(problem, mesh, dataclasses.replace(config, reuse_base_velocity=False)), state,
           base_params)
+    if solver == "scan" and config.reuse_base_velocity:
+      # The same step evaluating ft - v_base at the loss points (the base forward inside a residual model) instead
+      # of the residual network alone (issue 17; identical for full / LoRA models).
+      state, base_params = common.init_state(problem, mesh)
+      with common.base_in_loss():
+        runs["scan/step_base_in_loss"], compile_s["scan/step_base_in_loss"], _ = common.step_runner(
+            common.make_step(problem, mesh, config), state, base_params)
     if solver == "scan":
       state, base_params = common.init_state(problem, mesh)
       with common.per_row_time():
@@ -109,6 +118,9 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       res["step_recompute_s"] = med["scan/step_recompute"]
       res["floor_over_step"] = med["floor"] / step_s
       res["recompute_over_step"] = med["scan/step_recompute"] / step_s
+    if solver == "scan" and "scan/step_base_in_loss" in med:
+      res["step_base_in_loss_s"] = med["scan/step_base_in_loss"]
+      res["base_in_loss_over_step"] = med["scan/step_base_in_loss"] / step_s
     if solver == "scan":
       res["step_per_row_s"] = med["scan/step_per_row"]
       res["floor_per_row_s"] = med["floor_per_row"]
@@ -120,6 +132,10 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       line += "  pieces " + " ".join(f"{k} {1e3 * v:.2f} ({res['pieces_over_floor'][k]:.2f}x)"
                                      for k, v in res["pieces_s"].items())
     print(line, flush=True)
+    if "base_in_loss_over_step" in res:
+      print(f"{'':8s} residual network alone in the loss: step with the base in the loss "
+            f"{1e3 * res['step_base_in_loss_s']:.2f} ms, base_in_loss/step {res['base_in_loss_over_step']:.3f}",
+            flush=True)
     if "floor_per_row_over_step" in res:
       print(f"{'':8s} shared-time MLP path: today's floor (per-row time) {1e3 * res['floor_per_row_s']:.2f} ms, "
             f"step (per-row time) {1e3 * res['step_per_row_s']:.2f} ms; floor_per_row/step "

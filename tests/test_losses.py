@@ -222,3 +222,58 @@ def test_memory_options_give_the_same_loss_and_gradient():
       np.testing.assert_allclose(float(aux1[k]), float(aux0[k]), rtol=1e-5, atol=1e-6, err_msg=f"{k} {options}")
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
     assert diff < 1e-5 * scale, options
+
+
+def test_loss_of_a_residual_model_skips_the_base_forward():
+  """With the adjoint's base velocities reused (the default) and a ``parameterisation.residual_model`` around the
+  same base, the loss evaluates the residual network alone (``parameterisation.residual_difference``): no base
+  forward at the M * B loss points.  Loss, aux and gradient agree with evaluating ft - v_base (reuse off) to float
+  rounding, plain and chunked; a residual model around ANOTHER base, or other params, still evaluates ft."""
+  from am_jax import parameterisation
+  ring = gmm.ring_2d(4, 1.5, 0.3)
+  traced = []
+
+  def base(p, x, t):
+    traced.append(x.shape[0])  # one entry per trace of the base
+    return gmm.velocity(p, x, t, S)
+
+  def net(p, x, t):
+    h = jnp.tanh(jnp.concatenate([x, t[:, None]], -1) @ p["w1"] + p["b1"])
+    return h @ p["w2"] + p["b2"]
+
+  params = _plain_mlp_init(jax.random.PRNGKey(5), dim=2)
+  params["w2"] = 30.0 * params["w2"]
+  reward = rewards.quadratic_reward(0.5 * jnp.eye(2), jnp.array([1.0, -0.5]))
+  config = losses.AMConfig(num_steps=12, num_random_timesteps=4, num_last_timesteps=3, reward_multiplier=2.0)
+  m, b = 7, 64
+
+  def value_and_grad(cfg, base_params=ring, ft_base_params=None):
+    def fn(p, bp):
+      ft = parameterisation.residual_model(base, bp if ft_base_params is None else ft_base_params, net, S)
+      return losses.adjoint_matching_objective(ft, p, base, bp, reward, jax.random.PRNGKey(3), (b, 2), cfg)
+    traced.clear()
+    out = jax.jit(jax.value_and_grad(fn, has_aux=True))(params, base_params)
+    return out, list(traced)
+
+  (l0, aux0), g0 = value_and_grad(dataclasses.replace(config, reuse_base_velocity=False))[0]
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
+  for options in (dict(), dict(chunk_loss=True)):
+    ((l1, aux1), g1), traces = value_and_grad(dataclasses.replace(config, **options))
+    # The base is traced by the rollout (inside ft) and the adjoint's VJPs (batch B), never at the loss points.
+    assert m * b not in traces and all(n == b for n in traces), (options, traces)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, err_msg=str(options))
+    for k in aux0:
+      np.testing.assert_allclose(float(aux1[k]), float(aux0[k]), rtol=1e-5, atol=1e-6, err_msg=f"{k} {options}")
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    assert diff < 1e-5 * scale, options
+  # A residual model whose base params are another object than the loss's base: ft evaluated (a base trace at M B).
+  other = jax.tree.map(lambda a: a + 0.0, ring)
+  traces = value_and_grad(config, ft_base_params=other)[1]
+  assert m * b in traces
+  f = parameterisation.residual_model(base, ring, net, S)
+  assert parameterisation.residual_difference(f, base, ring) is not None
+  assert parameterisation.residual_difference(f, base, other) is None
+  assert parameterisation.residual_difference(f, BASE, ring) is None
+  assert parameterisation.residual_difference(net, base, ring) is None
+  bf16 = parameterisation.residual_model(parameterisation.mixed_precision(base, "bfloat16"), ring, net, S)
+  assert parameterisation.residual_difference(bf16, base, ring) is not None  # the same base in another precision
