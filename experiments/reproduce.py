@@ -5,8 +5,9 @@ r"""Reruns the commands behind the figures and tables of README.md / BUILD_NOTES
     am-jax reproduce --dry_run                                            # print the commands only
 
 Each recipe is a list of ``am-jax`` commands (run as subprocesses, so recipes never import launchers) and the
-figures it refreshes in ``docs/``.  Seeds are part of each command (``--seeds`` / ``--config.seed``); headline
-numbers use three seeds.  Wall-clock on 2 CPU cores: fig2 ~5 min, main ~4 min, compare_toy2d ~3 min,
+figures it refreshes in ``docs/``.  A recipe's runs go to ``<workdir>/<recipe>``; runs already there are resumed or
+kept (the launchers resume), so regenerate figures after a code change in a NEW ``--workdir``.  Seeds are part of each command (``--seeds`` / ``--config.seed``); headline
+numbers use three seeds.  Wall-clock on 2 CPU cores: fig2 ~5 min, main ~6 min, compare_toy2d ~3 min,
 compare_toy ~20 min, soc ~15 min, digits ~20 min, compare_digits ~15 min (after digits).
 """
 from __future__ import annotations

@@ -6,9 +6,9 @@ Fine-tunes the exact base 0.5 N(-1, 0.3^2) + 0.5 N(1, 0.3^2) toward p_base e^{la
 same budget, changing only the diffusion coefficient used during fine-tuning (memoryless, constant 0.2,
 constant 1.0), for each seed of ``--seeds``; samples each model with the ODE.  Writes ``toy_fig2.png`` (the
 first seed) and ``toy_fig2.json`` (per seed and mean / std over seeds: W1 to the exact target CDF, right-mode
-mass).  ~1 min per seed on 2 idle CPU cores (1000 steps x 3).  Expected (2026-11-26, seeds 0-2, default
-``--optimiser=tuned``): memoryless W1 0.030 ± 0.001, mass 0.863 (target 0.881); constant sigma 0.2 / 1.0: W1 0.78 /
-0.21, mass 0.53 / 0.80.
+mass).  ~1.5 min per seed on 2 idle CPU cores (2000 steps x 3).  Expected (2026-11-26, seeds 0-2, default
+``--optimiser=tuned``): memoryless W1 0.023 ± 0.002, mass 0.868 ± 0.004 (target 0.881); constant sigma 0.2 / 1.0:
+W1 0.76 / 0.22, mass 0.55 / 0.81.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from absl import flags
 
 from am_jax import launch, reporting
 
-flags.DEFINE_integer("steps", 1000, "Fine-tuning steps per run.")
+flags.DEFINE_integer("steps", 2000, "Fine-tuning steps per run.")
 flags.DEFINE_integer("batch_size", 512, "Trajectories per step.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (the figure shows the first; the JSON has all and their spread).")
 flags.DEFINE_enum("optimiser", "tuned", ["tuned", "constant"],

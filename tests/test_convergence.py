@@ -1,6 +1,6 @@
 """The exact 1-D problem reaches the tilt (docs/maths.md section 7; issue 14).
 
-Slow (``-m slow``): six 1000-step runs (~20 s CPU each).  With ``toy.TUNED_OPTIMISER`` (cosine decay from 2e-2 to 0,
+Slow (``-m slow``): six 2000-step runs (the Fig. 2 command's budget, ~25 s each).  With ``toy.TUNED_OPTIMISER`` (cosine decay from 2e-2 to 0,
 EMA 0.99) the memoryless fine-tune meets the issue's targets, mean over seeds 0-2: W1 <= 0.05 to the exact tilt and
 right-mode mass within 0.015 of 0.881 (``python -m benchmarks.convergence --part=noise``), while a constant
 sigma = 1.0 with the same optimiser stays biased in every seed (W1 ~0.2, mass ~0.80).  With the constant Adam 1e-3 of
@@ -20,7 +20,7 @@ SEEDS = (0, 1, 2)
 
 def _run(diffusion, seed):
   config = losses.AMConfig(diffusion=diffusion)
-  res = toy.finetune_mixture(BASE, rewards.linear_reward(1.0), config, steps=1000, batch_size=512, seed=seed,
+  res = toy.finetune_mixture(BASE, rewards.linear_reward(1.0), config, steps=2000, batch_size=512, seed=seed,
                              log_fn=None, **toy.TUNED_OPTIMISER)
   ev = toy.evaluate_against_target(res, TARGET, diffusion="ode", num_steps=40)
   return float(ev["distance_to_cdf"]), float(ev["mode_mass"][1])
@@ -41,13 +41,14 @@ def test_tuned_optimiser_reaches_the_tilt_and_constant_sigma_stays_biased():
   print("memoryless (W1, mass):", memoryless.tolist(), "sigma=1.0:", const.tolist())
   w1, mass = memoryless[:, 0], memoryless[:, 1]
   assert w1.mean() <= 0.05 and w1.max() < 0.07, w1           # the issue's target; constant Adam 1e-3: 0.092-0.100
-  # The issue's target is 0.881 +- 0.015: met before the MLP's shared-time path (0.873), 0.863 after it (float
-  # rounding of the rollouts only; docs/maths.md section 7): the recipe sits at that margin, so the test asserts
-  # the tilt within 0.025 (constant Adam 1e-3: 0.83-0.85; constant sigma 1.0: 0.79-0.81).
+  # The issue's target is 0.881 +- 0.015: the Fig. 2 command (2000 steps) gives 0.868 +- 0.004 (2026-11-26); the
+  # mass levels off there (1000 / 2000 / 4000 steps: 0.864 / 0.868 / 0.868; the (64, 64) net fitted to the exact
+  # control reaches 0.871-0.875, docs/maths.md section 7) and moves by ~0.005 with float rounding alone, so the
+  # test asserts the tilt within 0.025 (constant Adam 1e-3: 0.83-0.85; constant sigma 1.0: 0.80-0.82).
   assert abs(mass.mean() - 0.881) <= 0.025, mass
-  # Constant sigma fails the same check in every seed: W1 3x the target and mass 0.07-0.09 short (measured W1
-  # 0.218 / 0.195 / 0.212, mass 0.79-0.81; the issue's literal "W1 > 0.2" is missed by seed 1 at 0.195: the
-  # constant-sigma loss's own optimum is at W1 0.18-0.24, test below, so 0.2 is where converged runs land).
+  # Constant sigma fails the same check in every seed: W1 ~10x the memoryless one and mass 0.07-0.08 short
+  # (measured W1 0.228 / 0.207 / 0.214, mass 0.80-0.82; the constant-sigma loss's own optimum is at W1 0.18-0.24,
+  # test below, so the issue's "W1 > 0.2" is where converged runs land, not a margin a test can hold).
   assert (const[:, 0] > 0.15).all() and (np.abs(const[:, 1] - 0.881) > 0.05).all(), const
 
 
