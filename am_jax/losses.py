@@ -289,18 +289,9 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
     t = jnp.repeat(coeffs.tau[idx], b)
     sig = jnp.repeat(coeffs.loss_sigma[idx], b)
     one_plus_c = jnp.repeat(1.0 + coeffs.loss_drift_scale[idx], b)
-    cond_m = _tile_cond(cond, m)
-    if difference is not None:
-      diff = difference(ft_params, x, t, *cond_m)
-    else:
-      v_ft = ft_apply_fn(ft_params, x, t, *cond_m)
-      if v_base_sel is None:
-        v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_m))
-      else:
-        v_base = v_base_sel.reshape(x.shape)
-      chex.assert_equal_shape([v_ft, v_base])
-      diff = v_ft - v_base
-    chex.assert_equal_shape([diff, x])
+    v_base = None if v_base_sel is None else v_base_sel.reshape(x.shape)
+    diff = _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, difference, x, t, _tile_cond(cond, m),
+                          v_base)
     u = _bcast(one_plus_c / sig, x) * diff
     target = -_bcast(sig, x) * a
     terms = jnp.sum(((u - target) ** 2).reshape(m * b, -1), axis=-1)
@@ -324,6 +315,21 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   return loss, aux
 
 
+def _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, difference, x, t, cond, v_base):
+  """ft(x, t) - v_base(x, t): the residual network alone when ``difference`` is given
+  (``parameterisation.residual_difference``), else ft minus ``v_base`` (the base evaluated here when None)."""
+  if difference is not None:
+    diff = difference(ft_params, x, t, *cond)
+  else:
+    v_ft = ft_apply_fn(ft_params, x, t, *cond)
+    if v_base is None:
+      v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond))
+    chex.assert_equal_shape([v_ft, v_base])
+    diff = v_ft - v_base
+  chex.assert_equal_shape([diff, x])
+  return diff
+
+
 def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, coeffs, cond,
                    v_base_sel=None, difference=None):
   """Per-term losses (M * B,) and |u|^2, |target|^2, one loss time step per ``lax.scan`` iteration.
@@ -337,15 +343,7 @@ def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_
   @jax.checkpoint
   def one_step(params, x, a, tau, sig, one_plus_c, v_base):
     t = jnp.full((b,), tau, jnp.float32)
-    if difference is not None:
-      diff = difference(params, x, t, *cond)
-    else:
-      v_ft = ft_apply_fn(params, x, t, *cond)
-      if v_base is None:
-        v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond))
-      chex.assert_equal_shape([v_ft, v_base])
-      diff = v_ft - v_base
-    chex.assert_equal_shape([diff, x])
+    diff = _ft_minus_base(ft_apply_fn, params, base_apply_fn, base_params, difference, x, t, cond, v_base)
     u = (one_plus_c / sig).astype(x.dtype) * diff
     target = -sig.astype(x.dtype) * a
     flat = lambda z: z.reshape(b, -1)  # noqa: E731
