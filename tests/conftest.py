@@ -3,6 +3,25 @@ import os
 # Tests run on CPU; 8 virtual devices let the sharding tests run on one machine.  Must be set before jax is
 # imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU's MLIR fusion emitters cost most of a small program's compile time; the suite compiles ~3000 small programs
+# and runs each a few times, so it compiles with the older elemental emitters (the same HLO and fusions, other code
+# generation).  Measured on the digits pipeline test: 37-41 s -> 27-31 s user CPU (BUILD_NOTES.md section 10).  Not
+# set when XLA_FLAGS already names it; inherited by the tests' child processes (launch_helpers.env), except the
+# golden runs, which compile as users do.
+FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flags: str) -> bool:
+  """Whether this jaxlib's XLA knows ``flags`` (an unknown XLA flag aborts the process: try it in a child, ~1 s)."""
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                        timeout=120).returncode == 0
+
+
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and _xla_accepts(FAST_COMPILE_FLAGS):
+  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's time is mostly XLA compiling small programs: compile them with little optimisation
 # (``jax_disable_most_optimizations``: LLVM level 0, no expensive passes; the same HLO, results equal up to float

@@ -75,6 +75,9 @@ def env(num_devices: int, plain: bool = False):
   would have); ``plain=True``: XLA's default optimisation, as the golden numbers were captured."""
   e = dict(os.environ)
   e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  if not plain:  # the suite's compile-time flags (tests/conftest.py)
+    e["XLA_FLAGS"] += "".join(" " + f for f in os.environ.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
   e["JAX_PLATFORMS"] = "cpu"
   e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
   if plain:
