@@ -46,6 +46,7 @@ from am_jax import adjoint as adjoint_lib
 from am_jax import sampling
 from am_jax import schedules as schedules_lib
 from am_jax import sharding as sharding_lib
+from am_jax import time_hints
 from am_jax.dynamics import _bcast
 
 
@@ -290,8 +291,9 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
     sig = jnp.repeat(coeffs.loss_sigma[idx], b)
     one_plus_c = jnp.repeat(1.0 + coeffs.loss_drift_scale[idx], b)
     v_base = None if v_base_sel is None else v_base_sel.reshape(x.shape)
-    diff = _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, difference, x, t, _tile_cond(cond, m),
-                          v_base)
+    with time_hints.rows_in_time_blocks(m):  # t = M blocks of B rows at one time: models.MLP embeds M times, not M B
+      diff = _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, difference, x, t,
+                            _tile_cond(cond, m), v_base)
     u = _bcast(one_plus_c / sig, x) * diff
     target = -_bcast(sig, x) * a
     terms = jnp.sum(((u - target) ** 2).reshape(m * b, -1), axis=-1)
@@ -343,7 +345,8 @@ def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_
   @jax.checkpoint
   def one_step(params, x, a, tau, sig, one_plus_c, v_base):
     t = jnp.full((b,), tau, jnp.float32)
-    diff = _ft_minus_base(ft_apply_fn, params, base_apply_fn, base_params, difference, x, t, cond, v_base)
+    with time_hints.rows_in_time_blocks(1):  # every row at tau
+      diff = _ft_minus_base(ft_apply_fn, params, base_apply_fn, base_params, difference, x, t, cond, v_base)
     u = (one_plus_c / sig).astype(x.dtype) * diff
     target = -sig.astype(x.dtype) * a
     flat = lambda z: z.reshape(b, -1)  # noqa: E731

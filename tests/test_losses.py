@@ -277,3 +277,48 @@ def test_loss_of_a_residual_model_skips_the_base_forward():
   assert parameterisation.residual_difference(net, base, ring) is None
   bf16 = parameterisation.residual_model(parameterisation.mixed_precision(base, "bfloat16"), ring, net, S)
   assert parameterisation.residual_difference(bf16, base, ring) is not None  # the same base in another precision
+
+
+def test_loss_embeds_each_loss_time_once():
+  """The loss calls the network inside ``time_hints.rows_in_time_blocks``: a ``models.MLP`` residual embeds the M
+  loss times once each (not per row of the M B loss points; the chunked loss: once per scan step), and loss and
+  gradient agree with the per-row code (``models.per_row_time``) to float rounding."""
+  from flax import nnx
+
+  from am_jax import models, parameterisation, time_hints
+  ring = gmm.ring_2d(4, 1.5, 0.3)
+  net, params = models.functional(models.MLP(2, hidden=(16, 16), rngs=nnx.Rngs(1)))
+  reward = rewards.quadratic_reward(0.5 * jnp.eye(2), jnp.array([1.0, -0.5]))
+  config = losses.AMConfig(num_steps=12, num_random_timesteps=4, num_last_timesteps=3, reward_multiplier=2.0)
+  m, b = 7, 64
+  embedded = []
+  real_embedding = models.sinusoidal_embedding
+
+  def counting_embedding(t, dim, **kw):
+    if time_hints.time_blocks() is not None:  # traced by the loss
+      embedded.append(t.shape[0])
+    return real_embedding(t, dim, **kw)
+
+  def value_and_grad(cfg):
+    def fn(p):
+      ft = parameterisation.residual_model(BASE, ring, net, S)
+      return losses.adjoint_matching_objective(ft, p, BASE, ring, reward, jax.random.PRNGKey(3), (b, 2), cfg)[0]
+    embedded.clear()
+    models.sinusoidal_embedding = counting_embedding
+    try:
+      out = jax.jit(jax.value_and_grad(fn))(params)
+    finally:
+      models.sinusoidal_embedding = real_embedding
+    return out, list(embedded)
+
+  for options in (dict(), dict(chunk_loss=True)):
+    cfg = dataclasses.replace(config, **options)
+    with models.per_row_time():
+      (l0, g0), before = value_and_grad(cfg)
+    (l1, g1), after = value_and_grad(cfg)
+    # The embeddings traced by the loss (inside its time-block hint): M B -> M rows (chunked: B -> 1 per step).
+    assert (before, after) == (([m * b], [m]) if not options else ([b], [1])), (options, before, after)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=5e-5, err_msg=str(options))  # the rollouts differ by rounding too
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    assert diff < 5e-5 * scale, options

@@ -3,6 +3,7 @@ convolution (outputs and gradients)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from am_jax import models, time_hints
@@ -61,6 +62,59 @@ def test_mlp_shared_time_path_matches_per_row():
   np.testing.assert_array_equal(jax.jit(hinted)(p, x, shared_t, label), jax.jit(fast)(p, x, shared_t, label))
   np.testing.assert_array_equal(jax.jit(hinted)(p, x, rows_t, label), jax.jit(slow)(p, x, rows_t, label))
 
+
+
+def test_mlp_time_blocks_match_per_row_and_poison_a_broken_promise():
+  """Inside ``time_hints.rows_in_time_blocks(M)`` (rows in M blocks at one time each, the losses' layout) the MLP
+  embeds M times, not M B: outputs and gradients as the per-row code to float rounding (labelled net); a block whose
+  rows differ in time gives NaN (never a wrong number); ``shared_time=False`` and ``models.per_row_time()`` keep
+  the per-row code bit for bit; the hint is trace-time state only."""
+  m, b = 5, 8
+  x = jax.random.normal(jax.random.PRNGKey(0), (m * b, 2))
+  label = jnp.arange(m * b) % 4
+  blocked_t = jnp.repeat(jnp.linspace(0.1, 0.9, m), b)
+  (apply_fn, p), (never, _) = (models.functional(models.MLP(2, hidden=(32, 32), num_classes=3, shared_time=s,
+                                                            rngs=nnx.Rngs(0))) for s in (None, False))
+  embedded = []
+  real_embedding = models.sinusoidal_embedding
+
+  def counting_embedding(t, dim, **kw):
+    embedded.append(t.shape[0])
+    return real_embedding(t, dim, **kw)
+
+  def value_and_grad(fn, t, blocks):
+    def loss(q, y):
+      if blocks is None:
+        return jnp.sum(jnp.sin(fn(q, y, t, label)))
+      with time_hints.rows_in_time_blocks(blocks):
+        return jnp.sum(jnp.sin(fn(q, y, t, label)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(p, x)
+
+  models.sinusoidal_embedding = counting_embedding
+  try:
+    ref = value_and_grad(apply_fn, blocked_t, None)
+    assert embedded == [m * b]
+    embedded.clear()
+    got = value_and_grad(apply_fn, blocked_t, m)
+    assert embedded == [m]  # one embedding per block
+    one_block = value_and_grad(apply_fn, jnp.full((m * b,), 0.4), 1)
+  finally:
+    models.sinusoidal_embedding = real_embedding
+  np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-5)
+  assert _max_abs_diff(got[1], ref[1]) < 1e-5 * max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref[1]))
+  np.testing.assert_allclose(float(one_block[0]), float(value_and_grad(apply_fn, jnp.full((m * b,), 0.4), None)[0]),
+                             rtol=1e-5)
+  # A broken promise (rows of a block at different times): NaN, not a silently wrong answer.
+  assert np.isnan(float(value_and_grad(apply_fn, jnp.linspace(0.0, 1.0, m * b), m)[0]))
+  # Switched off: shared_time=False, and per_row_time() (the code before, bit for bit).
+  per_row = value_and_grad(never, blocked_t, None)
+  np.testing.assert_array_equal(value_and_grad(never, blocked_t, m)[0], per_row[0])
+  with models.per_row_time():
+    np.testing.assert_array_equal(value_and_grad(apply_fn, blocked_t, m)[0], per_row[0])
+  assert time_hints.time_blocks() is None
+  with pytest.raises(ValueError, match="num_blocks"):
+    with time_hints.rows_in_time_blocks(0):
+      pass
 
 def test_unet_shapes_and_null_label():
   """Class-conditional U-Net on 8x8 images: the output has the input's shape; no label = the null label, which

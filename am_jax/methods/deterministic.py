@@ -16,6 +16,7 @@ from am_jax import adjoint as adjoint_lib
 from am_jax import losses
 from am_jax import sampling
 from am_jax import sharding as sharding_lib
+from am_jax import time_hints
 from am_jax.dynamics import _bcast
 from am_jax.methods import _common
 
@@ -131,7 +132,9 @@ def deterministic_am(config: losses.AMConfig = losses.AMConfig(), truncation: fl
     x = traj[idx].reshape((n * batch,) + traj.shape[2:])
     tau = jnp.repeat(coeffs.tau[idx], batch)
     cond_n = losses._tile_cond(cond, n)
-    dv = ft_apply_fn(ft_params, x, tau, *cond_n) - jax.lax.stop_gradient(base_apply_fn(base_params, x, tau, *cond_n))
+    with time_hints.rows_in_time_blocks(n):  # n blocks of B rows at tau_k
+      dv = ft_apply_fn(ft_params, x, tau, *cond_n) - jax.lax.stop_gradient(base_apply_fn(base_params, x, tau,
+                                                                                         *cond_n))
     a_next = adj[1:].reshape((n_win * batch,) + traj.shape[2:])
     target = regulariser_target(reg, schedule, a_next, tau[n_anchor * batch:])
     target = jnp.concatenate([jnp.zeros((n_anchor * batch,) + traj.shape[2:]), target], axis=0)

@@ -18,6 +18,7 @@ from am_jax import adjoint as adjoint_lib
 from am_jax import losses
 from am_jax import sampling
 from am_jax import sharding as sharding_lib
+from am_jax import time_hints
 from am_jax.dynamics import _bcast
 from am_jax.methods import _common
 
@@ -84,8 +85,9 @@ def full_adjoint_batch(ft_apply_fn, ft_params, base_apply_fn, base_params, rewar
 def _control_and_drift(ft_apply_fn, params, base_apply_fn, base_params, traj, coeffs, cond):
   """Per-step (u_k, b^ft_k, h_k) at X_k for all k in one batched call: shapes (K B, ...)."""
   x, t, c, cond_k = _common.flat_steps(traj, coeffs, cond)
-  v_ft = ft_apply_fn(params, x, t, *cond_k)
-  v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_k))
+  with time_hints.rows_in_time_blocks(coeffs.num_steps):  # K blocks of B rows at tau_k
+    v_ft = ft_apply_fn(params, x, t, *cond_k)
+    v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_k))
   u = _bcast((1.0 + c["loss_drift_scale"]) / c["loss_sigma"], x) * (v_ft - v_base)
   drift = v_ft + _bcast(c["drift_scale"], x) * (v_ft - _bcast(c["kappa"], x) * x)
   return u, drift, c["dt"]
