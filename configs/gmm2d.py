@@ -9,8 +9,8 @@ mixture, since the data is an exact mixture) and ``scatter.png`` (base vs fine-t
 
 Expected (2 idle CPU cores, 2026-11-26; `am-jax reproduce --only=main`, 3 seeds): ~2 min in total per seed
 (pre-training 10k steps ~27 s, fine-tuning 2000 steps at ~28 steps/s); fine-tuned sliced W1 to the exact tilted
-target 0.036 ± 0.003 (ODE) / 0.031 ± 0.006 (memoryless SDE) vs 0.97 for the base (noise floor 0.012); mean reward
-0.60 (exact target 0.62, base -1.04).
+target 0.039 ± 0.008 (ODE) / 0.034 ± 0.012 (memoryless SDE) vs 0.97 for the base (noise floor 0.012); mean reward
+0.59 (exact target 0.62, base -1.04).
 Resume after a kill by rerunning the same command (same --workdir).
 """
 import ml_collections
