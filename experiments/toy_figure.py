@@ -6,9 +6,9 @@ Fine-tunes the exact base 0.5 N(-1, 0.3^2) + 0.5 N(1, 0.3^2) toward p_base e^{la
 same budget, changing only the diffusion coefficient used during fine-tuning (memoryless, constant 0.2,
 constant 1.0), for each seed of ``--seeds``; samples each model with the ODE.  Writes ``toy_fig2.png`` (the
 first seed) and ``toy_fig2.json`` (per seed and mean / std over seeds: W1 to the exact target CDF, right-mode
-mass).  ~1.5 min per seed on 2 idle CPU cores (2000 steps x 3).  Expected (2026-11-26, seeds 0-2, default
-``--optimiser=tuned``): memoryless W1 0.023 ± 0.002, mass 0.868 ± 0.004 (target 0.881); constant sigma 0.2 / 1.0:
-W1 0.76 / 0.22, mass 0.55 / 0.81.
+mass).  ~1.5 min per seed on 2 idle CPU cores (2000 steps x 3).  Expected (2026-11-26 15:41 UTC, seeds 0-2, default
+``--optimiser=tuned``): memoryless W1 0.027 ± 0.009, mass 0.864 ± 0.004 (target 0.881; ten seeds: 0.025 ± 0.006 /
+0.867 ± 0.005); constant sigma 0.2 / 1.0: W1 0.76 / 0.19, mass 0.55 / 0.82.
 """
 from __future__ import annotations
 
