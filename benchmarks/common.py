@@ -148,6 +148,20 @@ def base_in_loss():
     parameterisation.residual_difference = original
 
 
+
+@contextlib.contextmanager
+def per_row_loss_time():
+  """Programs traced inside evaluate ``models.MLP`` per row at the loss points (the losses' time-block hint
+  ignored, ``time_hints.rows_in_time_blocks``), as before the time-block path (issue 17): the numerics before it,
+  with the sampler / adjoint shared-time path kept (unlike ``per_row_time``)."""
+  from am_jax import models
+  original = models._time_blocks
+  models._time_blocks = lambda: None
+  try:
+    yield
+  finally:
+    models._time_blocks = original
+
 def compile_timed(jitted, *args):
   """(compiled, seconds of lower + compile)."""
   t0 = time.perf_counter()
