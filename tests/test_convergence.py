@@ -41,15 +41,20 @@ def test_tuned_optimiser_reaches_the_tilt_and_constant_sigma_stays_biased():
   print("memoryless (W1, mass):", memoryless.tolist(), "sigma=1.0:", const.tolist())
   w1, mass = memoryless[:, 0], memoryless[:, 1]
   assert w1.mean() <= 0.05 and w1.max() < 0.07, w1           # the issue's target; constant Adam 1e-3: 0.092-0.100
-  # The issue's target is 0.881 +- 0.015: the Fig. 2 command (2000 steps) gives 0.868 +- 0.004 (2026-11-26); the
+  # The issue's target is 0.881 +- 0.015: the Fig. 2 command (2000 steps) gives 0.864-0.868 +- 0.004 (2026-11-26; ten
+  # seeds 0.867 +- 0.005, `benchmarks.rounding_spread`); the
   # mass levels off there (1000 / 2000 / 4000 steps: 0.864 / 0.868 / 0.868; the (64, 64) net fitted to the exact
   # control reaches 0.871-0.875, docs/maths.md section 7) and moves by ~0.005 with float rounding alone, so the
   # test asserts the tilt within 0.025 (constant Adam 1e-3: 0.83-0.85; constant sigma 1.0: 0.80-0.82).
   assert abs(mass.mean() - 0.881) <= 0.025, mass
-  # Constant sigma fails the same check in every seed: W1 ~10x the memoryless one and mass 0.07-0.08 short
-  # (measured W1 0.228 / 0.207 / 0.214, mass 0.80-0.82; the constant-sigma loss's own optimum is at W1 0.18-0.24,
-  # test below, so the issue's "W1 > 0.2" is where converged runs land, not a margin a test can hold).
-  assert (const[:, 0] > 0.15).all() and (np.abs(const[:, 1] - 0.881) > 0.05).all(), const
+  # Constant sigma fails the same check in every seed: W1 > 0.15 and > 3x the memoryless runs' worst, and its mass
+  # short of the tilt (the constant-sigma loss's own optimum: W1 0.18-0.24, mass 0.82, test below, so the issue's
+  # "W1 > 0.2" is where converged runs land, not a margin a test can hold).  Per seed the mass scatters around that
+  # optimum with float rounding: 0.78-0.83 over seeds 0-5 and two rounding variants of the code
+  # (`python -m benchmarks.rounding_spread`, 2026-11-26), so the mass is asserted on the mean (0.80-0.82) and per
+  # seed only to be short of the memoryless mean.
+  assert (const[:, 0] > 0.15).all() and (const[:, 0] > 3 * w1.max()).all(), (const, w1)
+  assert abs(const[:, 1].mean() - 0.881) > 0.045 and (const[:, 1] < mass.mean() - 0.02).all(), (const, mass)
 
 
 @pytest.mark.slow  # ~1 min: two fixed points from 1024 base paths per (step, grid point)
