@@ -148,7 +148,6 @@ def base_in_loss():
     parameterisation.residual_difference = original
 
 
-
 @contextlib.contextmanager
 def per_row_loss_time():
   """Programs traced inside evaluate ``models.MLP`` per row at the loss points (the losses' time-block hint
@@ -161,6 +160,7 @@ def per_row_loss_time():
     yield
   finally:
     models._time_blocks = original
+
 
 def compile_timed(jitted, *args):
   """(compiled, seconds of lower + compile)."""
