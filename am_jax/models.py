@@ -75,7 +75,7 @@ class MLP(nnx.Module):
   input (rows at different times take the per-row path, bit-identical to the model without it); the shared path
   agrees to float rounding.  ``shared_time``: True = always guarded, False = never, None (default) = on CPU
   (``shared_time_default``) inside the library's sampler / adjoint steps (``time_hints.batch_shares_time``), where
-  the cond is free; per-row calls (losses, pre-training) run the per-row code with no cond.  Measured: a 40-step
+  the cond is free; per-row calls (pre-training, SOC rollouts) run the per-row code with no cond.  Measured: a 40-step
   rollout of the 3x128 net at B = 256, 1.2x faster on a 2-core CPU (``python -m benchmarks.time_embedding``).
 
   Time blocks: inside ``time_hints.rows_in_time_blocks(M)`` (the losses' M B points, M blocks of B rows at one time

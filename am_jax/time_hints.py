@@ -1,7 +1,8 @@
-"""A trace-time hint that the rows of a network call share one time: where ``models.MLP`` may take its shared path.
+"""Trace-time hints about the times of a network call's rows: where ``models.MLP`` may embed a time once.
 
-Samplers and adjoints call the network with t = tau_k broadcast to every row; losses and pre-training call it with
-a different time per row.  ``models.MLP`` can compute its time embedding once for a batch at one time, behind a run-time
+Samplers and adjoints call the network with t = tau_k broadcast to every row (``batch_shares_time``); the losses
+call it at M blocks of B rows, one time per block (``rows_in_time_blocks``, below); pre-training calls it with a
+different time per row.  ``models.MLP`` can compute its time embedding once for a batch at one time, behind a run-time
 ``lax.cond`` on ``all(t == t_0)`` (so any t stays valid input); the cond pays where rows do differ and the call is
 differentiated in the parameters (measured +33% on a loss-sized value_and_grad of a (64, 64) MLP on CPU).  So the
 model takes the guarded path only inside ``batch_shares_time()``, which the library's sampler and adjoint steps
