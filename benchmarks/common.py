@@ -136,30 +136,27 @@ per_row_time = models.per_row_time  # the code before models.MLP's shared-time p
 
 
 @contextlib.contextmanager
-def base_in_loss():
-  """Steps traced inside evaluate the whole fine-tuned model at the loss points (ft - v_base), as before the loss
-  took the residual network alone (``parameterisation.residual_difference``, issue 17): the step before it."""
-  from am_jax import parameterisation
-  original = parameterisation.residual_difference
-  parameterisation.residual_difference = lambda *args: None
+def _swapped(module, name: str, value):
+  """``module.name = value`` while the block runs (programs traced inside see it)."""
+  original = getattr(module, name)
+  setattr(module, name, value)
   try:
     yield
   finally:
-    parameterisation.residual_difference = original
+    setattr(module, name, original)
 
 
-@contextlib.contextmanager
+def base_in_loss():
+  """Steps traced inside evaluate the whole fine-tuned model at the loss points (ft - v_base), as before the loss
+  took the residual network alone (``parameterisation.residual_difference``, issue 17): the step before it."""
+  return _swapped(parameterisation, "residual_difference", lambda *args: None)
+
+
 def per_row_loss_time():
   """Programs traced inside evaluate ``models.MLP`` per row at the loss points (the losses' time-block hint
   ignored, ``time_hints.rows_in_time_blocks``), as before the time-block path (issue 17): the numerics before it,
   with the sampler / adjoint shared-time path kept (unlike ``per_row_time``)."""
-  from am_jax import models
-  original = models._time_blocks
-  models._time_blocks = lambda: None
-  try:
-    yield
-  finally:
-    models._time_blocks = original
+  return _swapped(models, "_time_blocks", lambda: None)
 
 
 def compile_timed(jitted, *args):

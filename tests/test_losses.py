@@ -285,31 +285,20 @@ def test_loss_embeds_each_loss_time_once():
   gradient agree with the per-row code (``models.per_row_time``) to float rounding."""
   from flax import nnx
 
-  from am_jax import models, parameterisation, time_hints
+  from am_jax import models, parameterisation
+  from tests import model_helpers
   ring = gmm.ring_2d(4, 1.5, 0.3)
   net, params = models.functional(models.MLP(2, hidden=(16, 16), rngs=nnx.Rngs(1)))
   reward = rewards.quadratic_reward(0.5 * jnp.eye(2), jnp.array([1.0, -0.5]))
   config = losses.AMConfig(num_steps=12, num_random_timesteps=4, num_last_timesteps=3, reward_multiplier=2.0)
   m, b = 7, 64
-  embedded = []
-  real_embedding = models.sinusoidal_embedding
-
-  def counting_embedding(t, dim, **kw):
-    if time_hints.time_blocks() is not None:  # traced by the loss
-      embedded.append(t.shape[0])
-    return real_embedding(t, dim, **kw)
-
   def value_and_grad(cfg):
     def fn(p):
       ft = parameterisation.residual_model(BASE, ring, net, S)
       return losses.adjoint_matching_objective(ft, p, BASE, ring, reward, jax.random.PRNGKey(3), (b, 2), cfg)[0]
-    embedded.clear()
-    models.sinusoidal_embedding = counting_embedding
-    try:
+    with model_helpers.embedded_rows(only_in_loss=True) as embedded:  # the calls traced by the loss
       out = jax.jit(jax.value_and_grad(fn))(params)
-    finally:
-      models.sinusoidal_embedding = real_embedding
-    return out, list(embedded)
+    return out, embedded
 
   for options in (dict(), dict(chunk_loss=True)):
     cfg = dataclasses.replace(config, **options)

@@ -75,13 +75,6 @@ def test_mlp_time_blocks_match_per_row_and_poison_a_broken_promise():
   blocked_t = jnp.repeat(jnp.linspace(0.1, 0.9, m), b)
   (apply_fn, p), (never, _) = (models.functional(models.MLP(2, hidden=(32, 32), num_classes=3, shared_time=s,
                                                             rngs=nnx.Rngs(0))) for s in (None, False))
-  embedded = []
-  real_embedding = models.sinusoidal_embedding
-
-  def counting_embedding(t, dim, **kw):
-    embedded.append(t.shape[0])
-    return real_embedding(t, dim, **kw)
-
   def value_and_grad(fn, t, blocks):
     def loss(q, y):
       if blocks is None:
@@ -90,16 +83,13 @@ def test_mlp_time_blocks_match_per_row_and_poison_a_broken_promise():
         return jnp.sum(jnp.sin(fn(q, y, t, label)))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(p, x)
 
-  models.sinusoidal_embedding = counting_embedding
-  try:
+  with model_helpers.embedded_rows() as embedded:
     ref = value_and_grad(apply_fn, blocked_t, None)
     assert embedded == [m * b]
     embedded.clear()
     got = value_and_grad(apply_fn, blocked_t, m)
     assert embedded == [m]  # one embedding per block
     one_block = value_and_grad(apply_fn, jnp.full((m * b,), 0.4), 1)
-  finally:
-    models.sinusoidal_embedding = real_embedding
   np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-5)
   assert _max_abs_diff(got[1], ref[1]) < 1e-5 * max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref[1]))
   np.testing.assert_allclose(float(one_block[0]), float(value_and_grad(apply_fn, jnp.full((m * b,), 0.4), None)[0]),
