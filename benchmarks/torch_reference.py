@@ -1,6 +1,9 @@
-r"""A PyTorch eager reference of the Adjoint Matching step, and am_jax / torch step-time ratios on CPU.
+r"""A PyTorch eager reference of the Adjoint Matching step, and am_jax / torch step-time ratios (CPU or GPU).
 
     python -m benchmarks.torch_reference            # every workload -> benchmarks/results/torch_reference_cpu.*
+    python -m benchmarks.torch_reference --torch_device=cuda
+                                                    # on a GPU machine: am_jax on jax's GPU, torch on CUDA
+                                                    # -> torch_reference_gpu.* (benchmarks/device_check.sh)
     python -m benchmarks.torch_reference --mode=xla --loss_times=m20 --rounds=3
                                                     # XLA:CPU options, 3x256 MLP -> torch_reference_xla_cpu.*
 
@@ -253,15 +256,15 @@ def _load(module, params):
   return module
 
 
-def torch_mixture_velocity(mix: gmm_lib.GaussianMixture):
+def torch_mixture_velocity(mix: gmm_lib.GaussianMixture, device="cpu"):
   """``gmm.velocity`` of a diagonal-covariance mixture under the linear schedule, in torch (x (B, d), t (B,))."""
   torch = _torch()
   covs = np.asarray(mix.covs)
   if not np.allclose(covs, np.einsum("jd,de->jde", np.einsum("jdd->jd", covs), np.eye(covs.shape[-1]))):
     raise ValueError("torch_mixture_velocity needs diagonal covariances.")
-  lam = torch.from_numpy(np.einsum("jdd->jd", covs).astype(np.float32).copy())  # (J, d)
-  means = torch.from_numpy(np.asarray(mix.means, np.float32).copy())
-  logw = torch.log(torch.from_numpy(np.asarray(mix.weights, np.float32).copy()))
+  lam = torch.from_numpy(np.einsum("jdd->jd", covs).astype(np.float32).copy()).to(device)  # (J, d)
+  means = torch.from_numpy(np.asarray(mix.means, np.float32).copy()).to(device)
+  logw = torch.log(torch.from_numpy(np.asarray(mix.weights, np.float32).copy())).to(device)
 
   def velocity(x, t):
     a = t[:, None, None]
@@ -279,11 +282,16 @@ def torch_mixture_velocity(mix: gmm_lib.GaussianMixture):
 
 
 class TorchAM:
-  """The AM step of ``setup`` in PyTorch eager (same weights, coefficients, loss and optimizer)."""
+  """The AM step of ``setup`` in PyTorch eager (same weights, coefficients, loss and optimizer).
 
-  def __init__(self, setup: JaxSetup, seed: int = 0):
+  device: torch device of the networks, the draws and every tensor of the step ('cpu', 'cuda'); the loss-time
+  indices are drawn on the host (a Python list, as a PyTorch user indexes the trajectory list).
+  """
+
+  def __init__(self, setup: JaxSetup, seed: int = 0, device="cpu"):
     torch = self.torch = _torch()
     self.setup = setup
+    self.device = dev = torch.device(device)
     cfg = setup.config
     if not isinstance(cfg.schedule, schedules.LinearSchedule) or cfg.integrator != "euler" or cfg.loss_clip:
       raise ValueError("TorchAM mirrors the linear schedule, the Euler step and no loss clip only.")
@@ -291,34 +299,35 @@ class TorchAM:
     f = lambda a: [float(v) for v in np.asarray(a)]  # noqa: E731
     self.tau, self.dt, self.sigma, self.c, self.kappa = f(co.tau), f(co.dt), f(co.sigma), f(co.drift_scale), f(co.kappa)
     self.sqrt_dt = [math.sqrt(h) for h in self.dt]
-    self.loss_sigma = torch.from_numpy(np.asarray(co.loss_sigma, np.float32).copy())
-    self.loss_one_plus_c = torch.from_numpy(np.asarray(1.0 + co.loss_drift_scale, np.float32).copy())
-    self.tau_t = torch.from_numpy(np.asarray(co.tau, np.float32).copy())
+    self.loss_sigma = torch.from_numpy(np.asarray(co.loss_sigma, np.float32).copy()).to(dev)
+    self.loss_one_plus_c = torch.from_numpy(np.asarray(1.0 + co.loss_drift_scale, np.float32).copy()).to(dev)
+    self.tau_t = torch.from_numpy(np.asarray(co.tau, np.float32).copy()).to(dev)
     self.lam = float(cfg.reward_multiplier)
     self.k_steps = cfg.num_steps
     b, d = setup.x_shape
     self.b, self.d = b, d
     spec = setup.spec
     if setup.kind == "toy":
-      base_v = torch_mixture_velocity(setup.base_params)
-      self.net = _load(torch_mlp(d, spec["hidden"]), setup.params)
+      base_v = torch_mixture_velocity(setup.base_params, dev)
+      self.net = _load(torch_mlp(d, spec["hidden"]), setup.params).to(dev)
 
       def ft(x, t, v_base=None):
         v_base = base_v(x, t) if v_base is None else v_base
         return v_base + 0.5 * torch.sqrt(2.0 * ((1.0 - t) / t))[:, None] * self.net(x, t)
 
       self.base, self.ft = base_v, ft
-      c_vec = torch.ones(d)
+      c_vec = torch.ones(d, device=dev)
       self.reward = lambda x: torch.sum(x * c_vec, -1)
     else:
-      self.base_net = _load(torch_mlp(d, spec["hidden"]), setup.base_params).requires_grad_(False)
-      self.net = _load(torch_mlp(d, spec["hidden"]), setup.params)
+      self.base_net = _load(torch_mlp(d, spec["hidden"]), setup.base_params).requires_grad_(False).to(dev)
+      self.net = _load(torch_mlp(d, spec["hidden"]), setup.params).to(dev)
       self.base = self.base_net
       self.ft = lambda x, t, v_base=None: self.net(x, t)
-      bvec = torch.from_numpy(_reward_b(d))
+      bvec = torch.from_numpy(_reward_b(d)).to(dev)
       self.reward = lambda x: -0.5 * torch.sum(x * (0.5 * x), -1) + torch.sum(x * bvec, -1)
     self.opt = torch.optim.Adam(self.net.parameters(), lr=LEARNING_RATE)
-    self.gen = torch.Generator().manual_seed(seed)
+    self.gen = torch.Generator(device=dev).manual_seed(seed)  # x0, xi on the device
+    self.index_gen = torch.Generator().manual_seed(seed)     # the loss times on the host
     n_last = min(cfg.num_last_timesteps, self.k_steps)
     self.pool = min(int(cfg.random_timestep_fraction * self.k_steps), self.k_steps - n_last)
     self.n_rand = min(cfg.num_random_timesteps, self.pool)
@@ -327,19 +336,23 @@ class TorchAM:
   def draws(self):
     """(x0, xi, idx) drawn with torch's generator (the timed step)."""
     torch = self.torch
-    x0 = torch.randn(self.b, self.d, generator=self.gen)
-    xi = torch.randn(self.k_steps, self.b, self.d, generator=self.gen)
-    rand = sorted(torch.randperm(self.pool, generator=self.gen)[:self.n_rand].tolist())
+    x0 = torch.randn(self.b, self.d, generator=self.gen, device=self.device)
+    xi = torch.randn(self.k_steps, self.b, self.d, generator=self.gen, device=self.device)
+    rand = sorted(torch.randperm(self.pool, generator=self.index_gen)[:self.n_rand].tolist())
     return x0, xi, torch.tensor(rand + self.last)
 
   def loss(self, x0, xi, idx):
-    """The AM loss (a graph to the fine-tuned parameters): rollout, lean adjoint, loss at the steps ``idx``."""
-    torch = self.torch
+    """The AM loss (a graph to the fine-tuned parameters): rollout, lean adjoint, loss at the steps ``idx``.
+
+    x0 (B, d), xi (K, B, d): tensors (moved to the device); idx (M,): a host tensor of step indices.
+    """
+    torch, dev = self.torch, self.device
     b, k_steps = self.b, self.k_steps
+    x0, xi = x0.to(dev), xi.to(dev)
     with torch.no_grad():  # 1. memoryless rollout of the fine-tuned model
       x, traj = x0, [x0]
       for k in range(k_steps):
-        t = torch.full((b,), self.tau[k])
+        t = torch.full((b,), self.tau[k], device=dev)
         v = self.ft(x, t)
         x = x + self.dt[k] * (v + self.c[k] * (v - self.kappa[k] * x)) + self.sigma[k] * (xi[k] * self.sqrt_dt[k])
         traj.append(x)
@@ -350,13 +363,14 @@ class TorchAM:
     adj[k_steps] = a
     for k in range(k_steps - 1, -1, -1):
       xk = traj[k].detach().requires_grad_(True)
-      v = self.base(xk, torch.full((b,), self.tau[k]))
+      v = self.base(xk, torch.full((b,), self.tau[k], device=dev))
       drift = v + self.c[k] * (v - self.kappa[k] * xk)
       (vjp,) = torch.autograd.grad(drift, xk, a)
       a = a + self.dt[k] * vjp
       adj[k] = a
     # 3. loss at the M B points of the selected steps, one batched call of each network
     idx_l = idx.tolist()
+    idx = idx.to(dev)
     xs = torch.cat([traj[k] for k in idx_l])
     a_sel = torch.cat([adj[k + 1] for k in idx_l])
     t = torch.repeat_interleave(self.tau_t[idx], b)
@@ -378,15 +392,15 @@ class TorchAM:
 
   def grads(self):
     """{parameter name: numpy gradient} of the fine-tuned net after ``backward`` (torch layout)."""
-    return {name: p.grad.detach().numpy().copy() for name, p in self.net.named_parameters()}
+    return {name: p.grad.detach().cpu().numpy().copy() for name, p in self.net.named_parameters()}
 
 
-def check_against_jax(name: str, loss_times: str = "m20", key=None, **build_kw) -> dict:
+def check_against_jax(name: str, loss_times: str = "m20", key=None, device="cpu", **build_kw) -> dict:
   """Loss and gradients of am_jax and of the torch reference from the same weights and draws.
 
   Returns {'loss': (jax, torch), 'grads': {param: (jax, torch)}, 'params_after': {param: (jax, torch)}} (numpy, in
   torch's layout and names: 'hidden.0.weight' (out, in), ...); ``params_after``: one Adam step from those gradients.
-  ``build_kw``: ``build_jax`` keywords (smaller sizes).
+  ``build_kw``: ``build_jax`` keywords (smaller sizes); ``device``: the torch side's device.
   """
   setup = build_jax(name, loss_times, ft_seed=1, zero_init=False, **build_kw)
   key = jax.random.PRNGKey(7) if key is None else key
@@ -401,7 +415,7 @@ def check_against_jax(name: str, loss_times: str = "m20", key=None, **build_kw) 
 
   (x0, xi, idx), loss_j, grads_j, new_j = jax_side(setup.params, key)
   x0, xi, idx = (np.array(a) for a in (x0, xi, idx))  # writable copies for torch.from_numpy
-  ref = TorchAM(setup)
+  ref = TorchAM(setup, device=device)
   loss_t = ref.loss(torch.from_numpy(x0), torch.from_numpy(xi), torch.from_numpy(idx.astype(np.int64)))
   ref.opt.zero_grad(set_to_none=True)
   loss_t.backward()
@@ -409,21 +423,31 @@ def check_against_jax(name: str, loss_times: str = "m20", key=None, **build_kw) 
   ref.opt.step()
   sd_j = _state_dict_of(grads_j)
   sd_new_j = _state_dict_of(new_j)
-  after_t = {n: p.detach().numpy().copy() for n, p in ref.net.named_parameters()}
+  after_t = {n: p.detach().cpu().numpy().copy() for n, p in ref.net.named_parameters()}
   return {"loss": (float(loss_j), loss_t.detach().item()),
           "grads": {n: (sd_j[n], grads_t[n]) for n in sd_j},
           "params_after": {n: (sd_new_j[n], after_t[n]) for n in sd_j}}
 
 
-def torch_runner(ref: TorchAM, threads: int):
+def torch_runner(ref: TorchAM, threads: Optional[int]):
+  """``run()``: one ``ref.step()`` (which returns a Python float: the step has finished, on any device) at ``threads``
+  intra-op CPU threads (None: leave torch's setting, e.g. for a GPU reference)."""
   torch = ref.torch
 
   def run():
-    if torch.get_num_threads() != threads:
+    if threads is not None and torch.get_num_threads() != threads:
       torch.set_num_threads(threads)
     return ref.step()
 
   return run
+
+
+def torch_settings(threads, device="cpu") -> dict:
+  """{label: intra-op threads} of the torch runs to time: '1t', '2t', ... on the CPU; one run 'cuda' on a GPU
+  (its CPU thread count barely matters there and is left as torch sets it)."""
+  if _torch().device(device).type == "cpu":
+    return {f"{int(n)}t": int(n) for n in threads}
+  return {_torch().device(device).type: None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,33 +487,38 @@ def _summary(r):
   return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
 
 
-def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5) -> dict:
+def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, device="cpu") -> dict:
+  """am_jax (on jax's default device) against torch on ``device`` (CPU: one run per thread count in ``threads``)."""
   torch = _torch()
-  out = {"machine": common.machine_info(), "torch": torch.__version__, "threads": list(threads), "rounds": rounds,
+  settings = torch_settings(threads, device)
+  out = {"machine": common.machine_info(), "torch": torch.__version__, "torch_device": _device_name(device),
+         "jax_device": jax.devices()[0].device_kind, "threads": list(settings), "rounds": rounds,
          "iters": iters, "load_average": _load_average(), "rows": []}
   for name in workloads:
     for lt in loss_times:
       setup = build_jax(name, lt)
       runs = {}
       runs["am_jax"], compile_s = jax_runner(setup)
-      for n in threads:
-        ref = TorchAM(setup)
-        torch.set_num_threads(n)
-        ref.step()  # warm-up (allocator, thread pool)
-        runs[f"torch_{n}t"] = torch_runner(ref, n)
+      for label, n in settings.items():
+        ref = TorchAM(setup, device=device)
+        if n is not None:
+          torch.set_num_threads(n)
+        ref.step()  # warm-up (allocator, thread pool, CUDA context and kernels)
+        runs[f"torch_{label}"] = torch_runner(ref, n)
       times = interleaved(runs, rounds, iters)
       row = {"workload": name, "loss_times": lt, "num_loss_steps": int(losses.select_timesteps(
           jax.random.PRNGKey(0), setup.config).shape[0]), "batch": setup.x_shape[0], "dim": setup.x_shape[1],
              "num_steps": setup.config.num_steps, "compile_s": compile_s,
              "step_s": {k: v["median_s"] for k, v in times.items()},
              "cpu_s": {k: v["cpu_median_s"] for k, v in times.items()}, "times": times}
-      for n in threads:
-        row[f"jax_over_torch_{n}t"] = _summary(_ratios(times, "am_jax", f"torch_{n}t"))
-        row[f"cpu_jax_over_torch_{n}t"] = _summary(_ratios(times, "am_jax", f"torch_{n}t", "cpu_round_medians_s"))
-      best = [min(times[f"torch_{n}t"]["round_medians_s"][r] for n in threads) for r in range(rounds)]
+      for label in settings:
+        row[f"jax_over_torch_{label}"] = _summary(_ratios(times, "am_jax", f"torch_{label}"))
+        row[f"cpu_jax_over_torch_{label}"] = _summary(_ratios(times, "am_jax", f"torch_{label}",
+                                                              "cpu_round_medians_s"))
+      best = [min(times[f"torch_{label}"]["round_medians_s"][r] for label in settings) for r in range(rounds)]
       row["jax_over_best_torch"] = _summary([a / b for a, b in zip(times["am_jax"]["round_medians_s"], best)])
       out["rows"].append(row)
-      print(_line(row, threads), flush=True)
+      print(_line(row, list(settings)), flush=True)
   return out
 
 
@@ -497,16 +526,28 @@ def _line(row, threads):
   s = row["step_s"]
   parts = [f"{row['workload']:8s} {row['loss_times']}  am_jax {1e3 * s['am_jax']:8.2f} ms"]
   for n in threads:
-    r, c = row[f"jax_over_torch_{n}t"], row[f"cpu_jax_over_torch_{n}t"]
-    parts.append(f"torch {n}t {1e3 * s[f'torch_{n}t']:8.2f} ms  am_jax/torch wall {r['median']:.3f} "
+    r, c = row[f"jax_over_torch_{n}"], row[f"cpu_jax_over_torch_{n}"]
+    parts.append(f"torch {n} {1e3 * s[f'torch_{n}']:8.2f} ms  am_jax/torch wall {r['median']:.3f} "
                  f"({r['min']:.3f}-{r['max']:.3f}) cpu {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f})")
   return "  |  ".join(parts)
 
 
+def _labels(out):
+  """The torch runs' labels of a results dict ('1t', '2t', 'cuda'; older files list thread counts)."""
+  return [n if isinstance(n, str) else f"{n}t" for n in out["threads"]]
+
+
+def _device_name(device) -> str:
+  torch = _torch()
+  device = torch.device(device)
+  return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def reference_markdown(out) -> str:
-  threads = out["threads"]
+  threads = _labels(out)
   m = out["machine"]
-  lines = ["# am_jax vs PyTorch eager, one AM step (CPU)", "",
+  on = f"am_jax on {out.get('jax_device', 'cpu')}, torch on {out.get('torch_device', 'cpu')}"
+  lines = [f"# am_jax vs PyTorch eager, one AM step ({on})", "",
            f"`python -m benchmarks.torch_reference`; {m['date']}, {m['machine']}, jax {m['jax']}, "
            f"torch {out['torch']}; "
            f"{out['rounds']} interleaved rounds x {out['iters']} calls, compile and warm-up excluded.  Per round: "
@@ -514,14 +555,14 @@ def reference_markdown(out) -> str:
            "median (min-max) over the rounds; < 1: am_jax faster.  The machine was shared with other jobs "
            f"(load average {out.get('load_average', '?')} at the start): absolute times are inflated.", "",
            "| workload | M | am_jax ms (wall / cpu) | "
-           + " | ".join(f"torch {n} thr ms (wall / cpu) | am_jax / torch {n} thr, wall | cpu" for n in threads) + " |",
+           + " | ".join(f"torch {n} ms (wall / cpu) | am_jax / torch {n}, wall | cpu" for n in threads) + " |",
            "|---|---|---|" + "---|---|---|" * len(threads)]
   for row in out["rows"]:
     s, c = row["step_s"], row["cpu_s"]
     cells = [row["workload"], str(row["num_loss_steps"]), f"{1e3 * s['am_jax']:.1f} / {1e3 * c['am_jax']:.1f}"]
     for n in threads:
-      r, rc = row[f"jax_over_torch_{n}t"], row[f"cpu_jax_over_torch_{n}t"]
-      cells += [f"{1e3 * s[f'torch_{n}t']:.1f} / {1e3 * c[f'torch_{n}t']:.1f}",
+      r, rc = row[f"jax_over_torch_{n}"], row[f"cpu_jax_over_torch_{n}"]
+      cells += [f"{1e3 * s[f'torch_{n}']:.1f} / {1e3 * c[f'torch_{n}']:.1f}",
                 f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})",
                 f"{rc['median']:.3f} ({rc['min']:.3f}-{rc['max']:.3f})"]
     lines.append("| " + " | ".join(cells) + " |")
@@ -671,9 +712,11 @@ def main(argv):
   f = flags.FLAGS
   workloads = [w for w in f.workloads if w]
   if f.mode == "reference":
-    out = run_reference(workloads, f.loss_times.split(","), tuple(int(n) for n in f.threads), f.rounds, f.iters)
+    out = run_reference(workloads, f.loss_times.split(","), tuple(int(n) for n in f.threads), f.rounds, f.iters,
+                        f.torch_device)
     print(reference_markdown(out))
-    _write(os.path.join(f.out_dir, "torch_reference_cpu"), out, reference_markdown(out))
+    name = f.out_name or ("torch_reference_cpu" if f.torch_device == "cpu" else "torch_reference_gpu")
+    _write(os.path.join(f.out_dir, name), out, reference_markdown(out))
   elif f.mode == "xla":
     wl = [w for w in workloads if WORKLOADS[w]["kind"] == "mlp"]
     prefix = os.path.join(f.out_dir, "torch_reference_xla_cpu")
@@ -696,6 +739,9 @@ def _define_flags():
   flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
   flags.DEFINE_integer("iters", 2, "Timed calls per function and round.")
   flags.DEFINE_string("out_dir", "benchmarks/results", "Where the .json / .md go.")
+  flags.DEFINE_string("out_name", "", "File name (no suffix) of the results; default torch_reference_cpu / _gpu.")
+  flags.DEFINE_string("torch_device", "cpu", "Device of the torch reference ('cpu' or 'cuda'; --threads is for "
+                      "'cpu').  am_jax runs on jax's default device.")
   flags.DEFINE_list("flag_variants", list(XLA_FLAG_VARIANTS),
                     f"--mode=xla: XLA_FLAGS variants {list(XLA_FLAG_VARIANTS)}.")
   flags.DEFINE_list("variants", ["default"], f"--mode=xla_worker: in-process variants {list(IN_PROCESS_VARIANTS)}.")

@@ -238,15 +238,15 @@ class TorchProblem:
   x0: object             # (d,) tensor: every path starts there
 
 
-def torch_problem(problem: soc.SOCProblem) -> TorchProblem:
-  """The four benchmarks of ``soc.get_problem`` (by name), from the constants am_jax drew."""
+def torch_problem(problem: soc.SOCProblem, device="cpu") -> TorchProblem:
+  """The four benchmarks of ``soc.get_problem`` (by name), from the constants am_jax drew (tensors on ``device``)."""
   torch = _torch()
   info = problem.info
-  f32 = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731  (a writable copy)
+  f32 = lambda a: torch.from_numpy(np.array(a, np.float32)).to(device)  # noqa: E731  (a writable copy)
   d = problem.dim
   if problem.name == "linear_ou":
     A, omega = f32(info["A"]), f32(info["omega"])
-    return TorchProblem(lambda x: x @ A.T, None, lambda x: x @ omega, f32(info["sigma"]), torch.zeros(d))
+    return TorchProblem(lambda x: x @ A.T, None, lambda x: x @ omega, f32(info["sigma"]), torch.zeros(d, device=device))
   if problem.name in ("quadratic_easy", "quadratic_hard"):
     A, P, Q = f32(info["A"]), f32(info["P"]), f32(info["Q"])
     return TorchProblem(lambda x: x @ A.T, lambda x: torch.sum((x @ P) * x, -1), lambda x: torch.sum((x @ Q) * x, -1),
@@ -254,7 +254,8 @@ def torch_problem(problem: soc.SOCProblem) -> TorchProblem:
   if problem.name == "double_well":
     kappa, nu = f32(info["kappa"]), f32(info["nu"])
     return TorchProblem(lambda x: -4.0 * kappa * x * (x * x - 1.0), None,
-                        lambda x: torch.sum(nu * (x * x - 1.0) ** 2, -1), torch.ones(d), torch.zeros(d))
+                        lambda x: torch.sum(nu * (x * x - 1.0) ** 2, -1), torch.ones(d, device=device),
+                        torch.zeros(d, device=device))
   raise ValueError(f"torch_problem: unknown SOC problem {problem.name!r}; expected one of {PROBLEMS}.")
 
 
@@ -268,10 +269,15 @@ def _ema(value, ema, itr, coeff=0.002):
 
 
 class TorchSOC:
-  """The AM (or SOCM_adjoint) training step of ``side`` in PyTorch eager: same problem, net, weights, optimiser."""
+  """The AM (or SOCM_adjoint) training step of ``side`` in PyTorch eager: same problem, net, weights, optimiser.
 
-  def __init__(self, side: JaxSide, loss: str = "am", seed: int = 0, normalization_batches: int = 16):
+  device: torch device of the net, the draws and every tensor of the step ('cpu', 'cuda').
+  """
+
+  def __init__(self, side: JaxSide, loss: str = "am", seed: int = 0, normalization_batches: int = 16,
+               device="cpu"):
     torch = self.torch = _torch()
+    self.device = dev = torch.device(device)
     cfg, problem = side.config, side.problem
     if loss not in LOSSES:
       raise ValueError(f"TorchSOC: loss = {loss!r}; expected one of {LOSSES}.")
@@ -287,12 +293,12 @@ class TorchSOC:
     self.noise_scale = float(np.sqrt(np.float32(self.nu * self.h)))  # = am_jax's float32 sqrt(nu h)
     self.ts = [float(t) for t in np.asarray(problem.times())]      # the float32 grid of am_jax
     self.time_scale = float(cfg.time_scale)
-    self.tp = torch_problem(problem)
+    self.tp = torch_problem(problem, dev)
     self.dense_sigma = self.tp.sigma.ndim == 2
     if cfg.control_net == "socm":
-      self.net, self.net_predicts_grad_v = torch_socm_net(self.d, cfg.hidden), True
+      self.net, self.net_predicts_grad_v = torch_socm_net(self.d, cfg.hidden).to(dev), True
     else:
-      self.net, self.net_predicts_grad_v = tr.torch_mlp(self.d, cfg.hidden), False
+      self.net, self.net_predicts_grad_v = tr.torch_mlp(self.d, cfg.hidden).to(dev), False
     self.load(state_dict_of(side.params))
     self.opt = torch.optim.Adam(self.net.parameters(), lr=float(cfg.learning_rate), eps=float(cfg.adam_eps))
     self.sched = None
@@ -301,7 +307,7 @@ class TorchSOC:
       self.sched = torch.optim.lr_scheduler.LambdaLR(
           self.opt, lambda c: (1 - alpha) * 0.5 * (1 + math.cos(math.pi * min(c, n) / n)) + alpha)
     self.grad_clip = float(cfg.grad_clip)
-    self.gen = torch.Generator().manual_seed(seed)
+    self.gen = torch.Generator(device=dev).manual_seed(seed)
     self.itr = 0
     self.normalization_const = None
     if loss == "socm_adjoint":
@@ -314,10 +320,11 @@ class TorchSOC:
   def load(self, state_dict_np: dict):
     torch = self.torch
     self.net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict_np.items()},
-                             strict=False)
+                             strict=False)  # copies into the parameters on their device
 
   def state_dict_np(self) -> dict:
-    return {k: v.detach().numpy().copy() for k, v in self.net.state_dict().items() if not k.startswith("freqs")}
+    return {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()
+            if not k.startswith("freqs")}
 
   def jax_params(self):
     """The torch weights as an nnx State for ``side.apply_fn`` (am_jax's evaluation of the torch control)."""
@@ -342,16 +349,16 @@ class TorchSOC:
     """(x0 (B, d), xi (K, B, d)) drawn with torch's generator (the timed and trained steps)."""
     torch = self.torch
     x0 = self.tp.x0.expand(self.b, self.d).contiguous()
-    return x0, torch.randn(self.k_steps, self.b, self.d, generator=self.gen)
+    return x0, torch.randn(self.k_steps, self.b, self.d, generator=self.gen, device=self.device)
 
   def _rollout(self, x0, xi, weights=False):
     """Euler-Maruyama of the current control without gradient -> (traj list of K + 1 (B, d), controls, weight)."""
-    torch, h = self.torch, self.h
+    torch, h, dev = self.torch, self.h, self.device
     with torch.no_grad():
       x, traj, us = x0, [x0], []
-      log_w = torch.zeros(self.b) if weights else None
+      log_w = torch.zeros(self.b, device=dev) if weights else None
       for k in range(self.k_steps):
-        u = self.control(x, torch.full((self.b,), self.time_scale * self.ts[k]))
+        u = self.control(x, torch.full((self.b,), self.time_scale * self.ts[k], device=dev))
         x = x + h * (self.tp.drift(x) + self._sigma(u)) + self.noise_scale * self._sigma(xi[k])
         traj.append(x)
         us.append(u)
@@ -370,7 +377,8 @@ class TorchSOC:
       if self.tp.running_cost is None:
         (g,) = torch.autograd.grad(self.tp.drift(x), x, a)
       else:
-        (g,) = torch.autograd.grad((self.tp.drift(x), self.tp.running_cost(x).sum()), x, (a, torch.ones(())))
+        (g,) = torch.autograd.grad((self.tp.drift(x), self.tp.running_cost(x).sum()), x,
+                                   (a, torch.ones((), device=self.device)))
     return g
 
   def _terminal_adjoint(self, x):
@@ -403,12 +411,14 @@ class TorchSOC:
   def _on_grid(self, states, num_times):
     """u at every (k, b) of states (n K-steps stacked (n, B, d)) in one batched call -> (n B, d)."""
     torch = self.torch
-    s = torch.repeat_interleave(torch.tensor([self.time_scale * t for t in self.ts[:num_times]]), self.b)
+    s = torch.repeat_interleave(torch.tensor([self.time_scale * t for t in self.ts[:num_times]], device=self.device),
+                                self.b)
     return self.control(torch.cat(states), s)
 
   def loss(self, x0, xi):
-    """The training loss (a graph to the net's parameters) from the draws (x0, xi)."""
+    """The training loss (a graph to the net's parameters) from the draws (x0, xi; moved to the device)."""
     torch = self.torch
+    x0, xi = x0.to(self.device), xi.to(self.device)
     if self.loss_name == "am":
       traj, _, _ = self._rollout(x0, xi)
       adj = self.lean_adjoint(traj)
@@ -437,7 +447,7 @@ class TorchSOC:
     return loss.detach().item()
 
   def grads(self) -> dict:
-    return {name: p.grad.detach().numpy().copy() for name, p in self.net.named_parameters()}
+    return {name: p.grad.detach().cpu().numpy().copy() for name, p in self.net.named_parameters()}
 
 
 def torch_supported(config) -> Optional[str]:
@@ -455,11 +465,11 @@ def torch_supported(config) -> Optional[str]:
 # Same numbers
 
 
-def check_against_jax(name: str, net: str = "socm", key=None, **build_kw) -> dict:
+def check_against_jax(name: str, net: str = "socm", key=None, device="cpu", **build_kw) -> dict:
   """Loss, gradients and one Adam step of am_jax and of the torch reference from the same weights and draws.
 
   Returns {'loss': (jax, torch), 'grads': {param: (jax, torch)}, 'params_after': {param: (jax, torch)}} (numpy,
-  torch layout and names).  ``build_kw``: ``build_jax`` keywords (smaller sizes).
+  torch layout and names).  ``build_kw``: ``build_jax`` keywords (smaller sizes); ``device``: the torch side's.
   """
   side = build_jax(name, net, **build_kw)
   # Zero-initialised layers (am_jax's output layers) get small random values: every gradient is then non-zero.
@@ -479,14 +489,14 @@ def check_against_jax(name: str, net: str = "socm", key=None, **build_kw) -> dic
     return soc.draw_initial_and_noise(side.problem, key, side.batch), loss, grads, new
 
   (x0, xi), loss_j, grads_j, new_j = jax_side(side.params, key)
-  ref = TorchSOC(side)
+  ref = TorchSOC(side, device=device)
   loss_t = ref.loss(torch.from_numpy(np.array(x0)), torch.from_numpy(np.array(xi)))
   ref.opt.zero_grad(set_to_none=True)
   loss_t.backward()
   grads_t = ref.grads()
   ref.opt.step()
   sd_g, sd_new = state_dict_of(grads_j), state_dict_of(new_j)
-  after_t = {n: p.detach().numpy().copy() for n, p in ref.net.named_parameters()}
+  after_t = {n: p.detach().cpu().numpy().copy() for n, p in ref.net.named_parameters()}
   return {"loss": (float(loss_j), loss_t.detach().item()),
           "grads": {n: (sd_g[n], grads_t[n]) for n in sd_g},
           "params_after": {n: (sd_new[n], after_t[n]) for n in sd_g}}
@@ -504,10 +514,13 @@ def _speedups(times, num, den, key):
   return tr._summary([b / a for a, b in zip(times[num][key], times[den][key])])  # pylint: disable=protected-access
 
 
-def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm_adjoint=True) -> dict:
+def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm_adjoint=True, device="cpu") -> dict:
+  """am_jax (jax's default device) against torch on ``device`` (CPU: one AM run per thread count in ``threads``)."""
   torch = _torch()
-  out = {"machine": common.machine_info(), "torch": torch.__version__, "threads": list(threads), "rounds": rounds,
-         "iters": iters, "load_average": tr._load_average(), "rows": [], "skipped": []}  # pylint: disable=protected-access
+  settings = tr.torch_settings(threads, device)
+  out = {"machine": common.machine_info(), "torch": torch.__version__, "threads": list(settings),
+         "torch_device": tr._device_name(device), "jax_device": jax.devices()[0].device_kind,  # pylint: disable=protected-access
+         "rounds": rounds, "iters": iters, "load_average": tr._load_average(), "rows": [], "skipped": []}  # pylint: disable=protected-access
   for net in nets:
     for name in problems:
       side = build_jax(name, net)
@@ -518,16 +531,19 @@ def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm
         continue
       runs = {}
       runs["am_jax"], compile_s = jax_runner(side)
-      for n in threads:
-        torch.set_num_threads(n)
-        ref = TorchSOC(side)
-        ref.step()  # warm-up (allocator, thread pool)
-        runs[f"torch_am_{n}t"] = torch_runner(ref, n)
+      for label, n in settings.items():
+        if n is not None:
+          torch.set_num_threads(n)
+        ref = TorchSOC(side, device=device)
+        ref.step()  # warm-up (allocator, thread pool, CUDA context and kernels)
+        runs[f"torch_am_{label}"] = torch_runner(ref, n)
       if socm_adjoint:
-        torch.set_num_threads(threads[0])
-        ref = TorchSOC(side, "socm_adjoint")
+        label, n = next(iter(settings.items()))
+        if n is not None:
+          torch.set_num_threads(n)
+        ref = TorchSOC(side, "socm_adjoint", device=device)
         ref.step()
-        runs[f"torch_socm_adjoint_{threads[0]}t"] = torch_runner(ref, threads[0])
+        runs[f"torch_socm_adjoint_{label}"] = torch_runner(ref, n)
       times = tr.interleaved(runs, rounds, iters)
       cfg = side.config
       row = {"problem": name, "net": net, "control_net": cfg.control_net, "hidden": list(cfg.hidden),
@@ -539,7 +555,7 @@ def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm
         if other != "am_jax":
           row["speedup"][other] = {"wall": _speedups(times, "am_jax", other, "round_medians_s"),
                                    "cpu": _speedups(times, "am_jax", other, "cpu_round_medians_s")}
-      am_runs = [f"torch_am_{n}t" for n in threads]
+      am_runs = [f"torch_am_{label}" for label in settings]
       for key, label in (("round_medians_s", "wall"), ("cpu_round_medians_s", "cpu")):
         best = [min(times[r][key][i] for r in am_runs) for i in range(rounds)]
         row["speedup"].setdefault("best_torch_am", {})[label] = tr._summary(  # pylint: disable=protected-access
@@ -564,16 +580,17 @@ def _fmt(summary):
 
 def timing_markdown(out) -> str:
   m = out["machine"]
-  threads = out["threads"]
+  threads = tr._labels(out)  # pylint: disable=protected-access
+  on = f"am_jax on {out.get('jax_device', 'cpu')}, torch on {out.get('torch_device', 'cpu')}"
   lines = [
-      "## Per-iteration time, am_jax vs PyTorch eager, equal architecture (CPU)", "",
+      f"## Per-iteration time, am_jax vs PyTorch eager, equal architecture ({on})", "",
       f"`python -m benchmarks.torch_soc_reference`; {m['date']}, {m['machine']}, jax {m['jax']}, torch {out['torch']}; "
       f"{out['rounds']} interleaved rounds x {out['iters']} calls, compile and warm-up excluded.  Speed-up = torch / "
       "am_jax of the round medians per round (> 1: am_jax faster), median (min-max) over the rounds, in process CPU "
       "time (all threads; robust to other jobs) and wall clock.  Load average at the start: "
       f"{out.get('load_average', '?')}.", "",
       "| problem | net (params) | K | B | am_jax ms, CPU | "
-      + " | ".join(f"torch AM {n} thr ms, CPU | speed-up vs torch AM {n} thr, CPU | wall" for n in threads)
+      + " | ".join(f"torch AM {n} ms, CPU | speed-up vs torch AM {n}, CPU | wall" for n in threads)
       + " | speed-up vs faster torch AM, CPU | torch SOCM_adjoint ms, CPU | speed-up vs it, CPU |",
       "|---|---|---|---|---|" + "---|---|---|" * len(threads) + "---|---|---|"]
   for row in out["rows"]:
@@ -581,7 +598,7 @@ def timing_markdown(out) -> str:
     cells = [row["problem"], f"{row['control_net']} ({row['num_params']:,})", str(row["num_steps"]), str(row["batch"]),
              f"{1e3 * c['am_jax']:.1f}"]
     for n in threads:
-      k = f"torch_am_{n}t"
+      k = f"torch_am_{n}"
       cells += [f"{1e3 * c[k]:.1f}", _fmt(sp[k]["cpu"]), _fmt(sp[k]["wall"])]
     cells.append(_fmt(sp["best_torch_am"]["cpu"]))
     adj = [k for k in sp if k.startswith("torch_socm_adjoint")]
@@ -589,13 +606,13 @@ def timing_markdown(out) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   for s in out.get("skipped", []):
     lines.append(f"\n{s['problem']} net={s['net']}: skipped ({s['why']}).")
-  slow = [n for n in threads[1:] if all(r["cpu_s"][f"torch_am_{n}t"] > 3 * r["cpu_s"][f"torch_am_{threads[0]}t"]
+  slow = [n for n in threads[1:] if n.endswith("t") and threads[0].endswith("t") and all(r["cpu_s"][f"torch_am_{n}"] > 3 * r["cpu_s"][f"torch_am_{threads[0]}"]
                                         for r in out["rows"])]
   if slow:
-    lines.append(f"\ntorch with {', '.join(map(str, slow))} threads used > 3x the CPU time of {threads[0]} thread on "
+    lines.append(f"\ntorch with {', '.join(n[:-1] for n in slow)} threads used > 3x the CPU time of {threads[0][:-1]} thread on "
                  "every problem: on the loaded 2-core machine its OpenMP workers spin-wait for descheduled partners "
                  "(docs/performance.md section 12.8), so those columns measure the machine's load, not torch; the "
-                 f"{threads[0]}-thread columns are the yardstick.")
+                 f"{threads[0][:-1]}-thread columns are the yardstick.")
   return "\n".join(lines) + "\n"
 
 
@@ -638,21 +655,22 @@ def jax_floor_runner(side: JaxSide, part: str = "all"):
   return (lambda: floor(side.params)), time.perf_counter() - t0
 
 
-def torch_floor_runner(ref: TorchSOC, threads: int, part: str = "all"):
-  """The same network work in torch eager (``jax_floor_runner``'s parts): no-grad forwards, one forward (+ backward)."""
-  torch = ref.torch
-  xs = torch.randn(ref.k_steps * ref.b, ref.d, generator=torch.Generator().manual_seed(3))
-  tl = torch.repeat_interleave(torch.tensor([ref.time_scale * t for t in ref.ts[:-1]]), ref.b)
+def torch_floor_runner(ref: TorchSOC, threads: Optional[int], part: str = "all"):
+  """The same network work in torch eager (``jax_floor_runner``'s parts): no-grad forwards, one forward (+ backward);
+  on ``ref.device`` (threads None: leave torch's CPU thread count)."""
+  torch, dev = ref.torch, ref.device
+  xs = torch.randn(ref.k_steps * ref.b, ref.d, generator=torch.Generator().manual_seed(3)).to(dev)
+  tl = torch.repeat_interleave(torch.tensor([ref.time_scale * t for t in ref.ts[:-1]], device=dev), ref.b)
 
   def run():
-    if torch.get_num_threads() != threads:
+    if threads is not None and torch.get_num_threads() != threads:
       torch.set_num_threads(threads)
     out = 0.0
     if part in ("all", "rollout"):
       with torch.no_grad():
-        x = torch.zeros(ref.b, ref.d)
+        x = torch.zeros(ref.b, ref.d, device=dev)
         for k in range(ref.k_steps):
-          x = x + ref.h * ref.control(x, torch.full((ref.b,), ref.time_scale * ref.ts[k]))
+          x = x + ref.h * ref.control(x, torch.full((ref.b,), ref.time_scale * ref.ts[k], device=dev))
       out += float(x[0, 0])
     if part in ("all", "loss"):
       ref.net.zero_grad(set_to_none=True)
@@ -667,28 +685,35 @@ def torch_floor_runner(ref: TorchSOC, threads: int, part: str = "all"):
   return run
 
 
-def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",)) -> dict:
-  """am_jax and torch (``threads``) steps interleaved with their network-work floors (and the floors' ``parts``);
-  CPU-time ratios per round."""
+def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",), device="cpu") -> dict:
+  """am_jax and torch (``threads``; on ``device``) steps interleaved with their network-work floors (and the floors'
+  ``parts``); CPU-time ratios per round (on a GPU: wall-clock ratios, ``wall``)."""
   torch = _torch()
-  torch.set_num_threads(threads)
-  out = {"machine": common.machine_info(), "torch": torch.__version__, "threads": threads, "rounds": rounds,
+  on_cpu = torch.device(device).type == "cpu"
+  if on_cpu:
+    torch.set_num_threads(threads)
+  else:
+    threads = None
+  out = {"machine": common.machine_info(), "torch": torch.__version__, "threads": threads,
+         "torch_device": tr._device_name(device), "jax_device": jax.devices()[0].device_kind,  # pylint: disable=protected-access
+         "rounds": rounds,
          "iters": iters, "net": net, "parts": list(parts), "load_average": tr._load_average(), "rows": []}  # pylint: disable=protected-access
   for name in problems:
     side = build_jax(name, net)
     if torch_supported(side.config):
       continue
-    ref = TorchSOC(side)
+    ref = TorchSOC(side, device=device)
     runs = {"am_jax": jax_runner(side)[0], "torch_am": torch_runner(ref, threads)}
     for part in parts:
       suffix = "" if part == "all" else "_" + part
       runs["am_jax_floor" + suffix] = jax_floor_runner(side, part)[0]
-      runs["torch_floor" + suffix] = torch_floor_runner(TorchSOC(side), threads, part)
+      runs["torch_floor" + suffix] = torch_floor_runner(TorchSOC(side, device=device), threads, part)
     times = tr.interleaved(runs, rounds, iters)
-    key = "cpu_round_medians_s"
+    key = "cpu_round_medians_s" if on_cpu else "round_medians_s"  # a GPU's work is not the host's CPU time
     ratio = lambda a, b: tr._summary([x / y for x, y in zip(times[a][key], times[b][key])])  # noqa: E731  pylint: disable=protected-access
     row = {"problem": name, "net": net, "num_steps": side.problem.num_steps, "batch": side.batch,
-           "cpu_s": {k: v["cpu_median_s"] for k, v in times.items()}, "times": times}
+           "cpu_s": {k: v["cpu_median_s"] for k, v in times.items()}, "times": times,
+           "wall_s": {k: v["median_s"] for k, v in times.items()}, "ratio_clock": "cpu" if on_cpu else "wall"}
     if "all" in parts:
       row.update(am_jax_over_floor=ratio("am_jax", "am_jax_floor"), torch_over_floor=ratio("torch_am", "torch_floor"),
                  torch_floor_over_am_jax_floor=ratio("torch_floor", "am_jax_floor"))
@@ -703,18 +728,22 @@ def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",)
 
 def floor_markdown(out) -> str:
   m = out["machine"]
+  wall = out["rows"][0].get("ratio_clock") == "wall" if out["rows"] else False
+  clock, times_of = ("wall-clock", "wall_s") if wall else ("CPU time", "cpu_s")
+  torch_on = (f"torch on {out['torch_device']}" if wall else f"torch ({out['threads']} thread)")
   lines = [
-      "## Where the time goes: each step against its network-work floor (CPU time)", "",
+      f"## Where the time goes: each step against its network-work floor ({clock})", "",
       f"`python -m benchmarks.torch_soc_reference --rounds=0 --floor_rounds={out['rounds']} "
       f"--floor_parts={','.join(out.get('parts', ['all']))}`; {m['date']}, "
-      f"{m['machine']}, torch {out['torch']} ({out['threads']} thread), net={out['net']}.  Floor = the network work of "
+      f"{m['machine']}, am_jax on {out.get('jax_device', 'cpu')}, {torch_on}, torch {out['torch']}, "
+      f"net={out['net']}.  Floor = the network work of "
       "one step with nothing around it: K forwards at batch B + one forward and backward at the K B loss points "
-      "(same sizes as the step).  Interleaved rounds; CPU-time ratios per round, median (min-max).  Load average at "
+      f"(same sizes as the step).  Interleaved rounds; {clock} ratios per round, median (min-max).  Load average at "
       f"the start: {out.get('load_average', '?')}.", "",
       "| problem | K | B | am_jax step ms | am_jax floor ms | torch step ms | torch floor ms | am_jax step / floor "
       "| torch step / floor | torch floor / am_jax floor |", "|---|---|---|---|---|---|---|---|---|---|"]
   for row in out["rows"]:
-    c = row["cpu_s"]
+    c = row[times_of]
     if "am_jax_over_floor" not in row:
       continue
     lines.append(f"| {row['problem']} | {row['num_steps']} | {row['batch']} | {1e3 * c['am_jax']:.1f} | "
@@ -723,11 +752,11 @@ def floor_markdown(out) -> str:
                  f"{_fmt(row['torch_floor_over_am_jax_floor'])} |")
   parts = [p for p in out.get("parts", ["all"]) if p != "all"]
   if parts:
-    lines += ["", "The floor's parts, CPU ms am_jax / torch (torch / am_jax, median (min-max) of the rounds): rollout = "
+    lines += ["", f"The floor's parts, {clock} ms am_jax / torch (torch / am_jax, median (min-max) of the rounds): rollout = "
               "the K forwards at batch B; loss_fwd = one forward at the K B loss points; loss = its forward + backward.",
               "", "| problem | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     for row in out["rows"]:
-      c = row["cpu_s"]
+      c = row[times_of]
       lines.append(f"| {row['problem']} | " + " | ".join(
           f"{1e3 * c['am_jax_floor_' + p]:.1f} / {1e3 * c['torch_floor_' + p]:.1f} ({_fmt(row['torch_over_am_jax'][p])})"
           for p in parts) + " |")
@@ -739,7 +768,7 @@ def floor_markdown(out) -> str:
 
 
 def run_training(problems, iterations: int, net: str = "socm", num_evals: int = 4, torch_threads: int = 1,
-                 losses=("am",), seeds=(0,)) -> dict:
+                 losses=("am",), seeds=(0,), device="cpu") -> dict:
   """Trains am_jax (AM) and torch (each of ``losses``) from the same initial weights; L2 error of every control.
 
   Evaluation: ``soc_training.make_evaluator`` (the config's eval_seed and eval_batch_size: the same fixed paths as
@@ -749,6 +778,7 @@ def run_training(problems, iterations: int, net: str = "socm", num_evals: int = 
   torch = _torch()
   torch.set_num_threads(torch_threads)
   out = {"machine": common.machine_info(), "torch": torch.__version__, "torch_threads": torch_threads,
+         "torch_device": tr._device_name(device), "jax_device": jax.devices()[0].device_kind,  # pylint: disable=protected-access
          "iterations": iterations, "net": net, "seeds": list(seeds), "load_average": tr._load_average(),  # pylint: disable=protected-access
          "rows": []}
   every = max(iterations // num_evals, 1)
@@ -773,7 +803,7 @@ def run_training(problems, iterations: int, net: str = "socm", num_evals: int = 
     print(f"{name} seed {seed} am_jax AM: L2 {recs[-1]['l2_error']:.4g} at it {iterations} "
           f"({recs[-1]['train_seconds']:.0f} s)", flush=True)
     for loss in losses:
-      ref = TorchSOC(side, loss, seed=seed + 1)
+      ref = TorchSOC(side, loss, seed=seed + 1, device=device)
       its, l2, l2_se, obj = [], [], [], []
       wall = cpu = 0.0
 
@@ -808,7 +838,7 @@ def training_markdown(out) -> str:
       f"--train_seeds={','.join(str(x) for x in out.get('seeds', [0]))} --train_losses="
       f"{','.join(k[len('torch_'):] for k in (out['rows'][0]['runs'] if out['rows'] else {}) if k.startswith('torch_'))}`"
       f"; {m['date']}, {m['machine']}, "
-      f"torch {out['torch']} ({out['torch_threads']} thread).  L2 = am_jax's metric (`soc.evaluate_control`: "
+      f"torch {out['torch']} on {out.get('torch_device', 'cpu')} ({out['torch_threads']} thread).  L2 = am_jax's metric (`soc.evaluate_control`: "
       "E int |u - u*|^2 dt, 1024 fixed paths of the learned control, +- its standard error) on every trained control.  "
       "am_jax: `soc_training.train_method` (the key schedule of `experiments/soc.py`); torch: the same step with "
       "torch's generator.  Train seconds exclude evaluation (and am_jax's compile); shared machine.", "",
@@ -849,14 +879,14 @@ def main(argv):
       result = json.load(fh)
   if f.rounds > 0:
     result["timing"] = run_timing([p for p in f.problems if p], [n for n in f.nets if n],
-                                  tuple(int(n) for n in f.threads), f.rounds, f.iters, f.socm_adjoint)
+                                  tuple(int(n) for n in f.threads), f.rounds, f.iters, f.socm_adjoint, f.torch_device)
   if f.floor_rounds > 0:
     result["floor"] = run_floor([p for p in f.problems if p], f.floor_rounds, f.iters,
-                                parts=tuple(p for p in f.floor_parts if p))
+                                parts=tuple(p for p in f.floor_parts if p), device=f.torch_device)
   if f.train_iterations > 0:
     result["training"] = run_training([p for p in f.train_problems if p], f.train_iterations, f.train_net,
                                       losses=tuple(l for l in f.train_losses if l),
-                                      seeds=tuple(int(x) for x in f.train_seeds))
+                                      seeds=tuple(int(x) for x in f.train_seeds), device=f.torch_device)
   md = [fn(result[k]) for k, fn in (("timing", timing_markdown), ("floor", floor_markdown),
                                      ("training", training_markdown)) if k in result]
   text = "# am_jax vs a PyTorch eager reference, SOC benchmarks (issue 16)\n\n" + "\n".join(md)
@@ -884,6 +914,8 @@ def _define_flags():
   flags.DEFINE_list("train_seeds", ["0"], "Seeds of the training comparison (each: same initial weights both sides).")
   flags.DEFINE_string("out_dir", "benchmarks/results", "Where the .json / .md go.")
   flags.DEFINE_string("out_name", "torch_soc_reference_cpu", "File name (without extension) of the results.")
+  flags.DEFINE_string("torch_device", "cpu", "Device of the torch reference ('cpu' or 'cuda'; --threads is for "
+                      "'cpu').  am_jax runs on jax's default device.")
 
 
 if __name__ == "__main__":

@@ -19,3 +19,22 @@ SMALL = dict(batch=16, hidden=(16, 16), num_steps=8, num_random_timesteps=3, num
 def test_torch_reference_matches_am_jax(name):
   torch_checks.assert_same_step(torch_reference.check_against_jax(name, **SMALL), loss_rtol=2e-4, grad_atol=1e-4,
                                 lr=torch_reference.LEARNING_RATE)
+
+
+def test_torch_runs_per_device_and_their_table():
+  # CPU: one torch run per thread count; a GPU: one run, its CPU threads left alone (benchmarks/device_check.sh).
+  assert torch_reference.torch_settings((1, 2), "cpu") == {"1t": 1, "2t": 2}
+  assert torch_reference.torch_settings((1, 2), "cuda") == {"cuda": None}
+  summary = {"median": 0.5, "min": 0.4, "max": 0.6, "per_round": [0.5]}
+  row = {"workload": "toy1d", "num_loss_steps": 20, "step_s": {"am_jax": 0.01, "torch_cuda": 0.02},
+         "cpu_s": {"am_jax": 0.01, "torch_cuda": 0.02}, "jax_over_torch_cuda": summary,
+         "cpu_jax_over_torch_cuda": summary}
+  out = {"machine": {"date": "d", "machine": "m", "jax": "j"}, "torch": "t", "threads": ["cuda"], "rounds": 1,
+         "iters": 1, "rows": [row], "jax_device": "NVIDIA H100", "torch_device": "NVIDIA H100"}
+  md = torch_reference.reference_markdown(out)
+  assert "am_jax on NVIDIA H100, torch on NVIDIA H100" in md and "| toy1d | 20 | 10.0 / 10.0 | 20.0 / 20.0 | 0.500" in md
+  # Files written before the device option list thread counts: still rendered.
+  old = dict(out, threads=[1], rows=[{**row, "step_s": {"am_jax": 0.01, "torch_1t": 0.02},
+                                      "cpu_s": {"am_jax": 0.01, "torch_1t": 0.02}, "jax_over_torch_1t": summary,
+                                      "cpu_jax_over_torch_1t": summary}])
+  assert "torch 1t ms" in torch_reference.reference_markdown(old)
