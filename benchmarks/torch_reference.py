@@ -454,17 +454,21 @@ def torch_settings(threads, device="cpu") -> dict:
 # Timing
 
 
-def interleaved(runs: dict, rounds: int = 5, iters: int = 2, warm: int = 1) -> dict:
+def interleaved(runs: dict, rounds: int = 5, iters: int = 2, warm: int = 1, settle: int = 1) -> dict:
   """``common.interleaved`` that also records process CPU seconds (all threads) per call.
 
   Wall time is what a user waits; CPU time is the work done, robust to other jobs on the cores (a process
   that is descheduled accumulates no CPU time), but it counts spin-waiting threads (OpenMP) as work.
+  ``warm`` untimed calls of each function in the first round (compilation, allocators); ``settle`` untimed calls
+  at the start of each later round: the first call after the other framework ran is slower than a training loop's
+  steady state (measured on the toy step, idle: am_jax's round median 14.9-15.6 ms with 2 timed calls and no settle
+  call vs 12.0 ms with 5; torch's changed by < 2%), so every function is timed in its steady state.
   """
   per = {name: {"wall": [], "cpu": []} for name in runs}
   for r in range(rounds):
     for name, run in runs.items():
-      for _ in range(warm if r == 0 else 0):
-        run()
+      for _ in range(warm if r == 0 else settle):
+        jax.block_until_ready(run())
       wall, cpu = [], []
       for _ in range(iters):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -475,7 +479,7 @@ def interleaved(runs: dict, rounds: int = 5, iters: int = 2, warm: int = 1) -> d
       per[name]["cpu"].append(statistics.median(cpu))
   return {name: {"median_s": statistics.median(v["wall"]), "round_medians_s": v["wall"],
                  "cpu_median_s": statistics.median(v["cpu"]), "cpu_round_medians_s": v["cpu"], "rounds": rounds,
-                 "iters": iters} for name, v in per.items()}
+                 "iters": iters, "settle": settle} for name, v in per.items()}
 
 
 def _ratios(times, num, den, key="round_medians_s"):
@@ -487,13 +491,13 @@ def _summary(r):
   return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
 
 
-def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, device="cpu") -> dict:
+def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, device="cpu", settle: int = 1) -> dict:
   """am_jax (on jax's default device) against torch on ``device`` (CPU: one run per thread count in ``threads``)."""
   torch = _torch()
   settings = torch_settings(threads, device)
   out = {"machine": common.machine_info(), "torch": torch.__version__, "torch_device": _device_name(device),
          "jax_device": jax.devices()[0].device_kind, "threads": list(settings), "rounds": rounds,
-         "iters": iters, "load_average": _load_average(), "rows": []}
+         "iters": iters, "settle": settle, "load_average": _load_average(), "rows": []}
   for name in workloads:
     for lt in loss_times:
       setup = build_jax(name, lt)
@@ -505,7 +509,7 @@ def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, devi
           torch.set_num_threads(n)
         ref.step()  # warm-up (allocator, thread pool, CUDA context and kernels)
         runs[f"torch_{label}"] = torch_runner(ref, n)
-      times = interleaved(runs, rounds, iters)
+      times = interleaved(runs, rounds, iters, settle=settle)
       row = {"workload": name, "loss_times": lt, "num_loss_steps": int(losses.select_timesteps(
           jax.random.PRNGKey(0), setup.config).shape[0]), "batch": setup.x_shape[0], "dim": setup.x_shape[1],
              "num_steps": setup.config.num_steps, "compile_s": compile_s,
@@ -550,7 +554,8 @@ def reference_markdown(out) -> str:
   lines = [f"# am_jax vs PyTorch eager, one AM step ({on})", "",
            f"`python -m benchmarks.torch_reference`; {m['date']}, {m['machine']}, jax {m['jax']}, "
            f"torch {out['torch']}; "
-           f"{out['rounds']} interleaved rounds x {out['iters']} calls, compile and warm-up excluded.  Per round: "
+           f"{out['rounds']} interleaved rounds x {out['iters']} calls ({out.get('settle', 0)} untimed call(s) first "
+           "in each round), compile and warm-up excluded.  Per round: "
            "am_jax / torch of the round medians, wall clock and process CPU time (all threads); the table gives the "
            "median (min-max) over the rounds; < 1: am_jax faster.  The machine was shared with other jobs "
            f"(load average {out.get('load_average', '?')} at the start): absolute times are inflated.", "",
@@ -713,7 +718,7 @@ def main(argv):
   workloads = [w for w in f.workloads if w]
   if f.mode == "reference":
     out = run_reference(workloads, f.loss_times.split(","), tuple(int(n) for n in f.threads), f.rounds, f.iters,
-                        f.torch_device)
+                        f.torch_device, f.settle)
     print(reference_markdown(out))
     name = f.out_name or ("torch_reference_cpu" if f.torch_device == "cpu" else "torch_reference_gpu")
     _write(os.path.join(f.out_dir, name), out, reference_markdown(out))
@@ -738,6 +743,8 @@ def _define_flags():
   flags.DEFINE_list("threads", ["1", "2"], "torch.set_num_threads settings to time.")
   flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
   flags.DEFINE_integer("iters", 2, "Timed calls per function and round.")
+  flags.DEFINE_integer("settle", 1, "Untimed calls of each function at the start of every round after the first "
+                       "(0: the first call after a switch of framework is timed too).")
   flags.DEFINE_string("out_dir", "benchmarks/results", "Where the .json / .md go.")
   flags.DEFINE_string("out_name", "", "File name (no suffix) of the results; default torch_reference_cpu / _gpu.")
   flags.DEFINE_string("torch_device", "cpu", "Device of the torch reference ('cpu' or 'cuda'; --threads is for "
