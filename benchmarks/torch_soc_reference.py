@@ -578,6 +578,12 @@ def _fmt(summary):
   return f"{summary['median']:.2f} ({summary['min']:.2f}-{summary['max']:.2f})"
 
 
+def _settle(out) -> int:
+  """Untimed calls per round of a timing result (``tr.interleaved``'s settle; 0 in files written before it)."""
+  times = out["rows"][0]["times"] if out.get("rows") else {}
+  return next(iter(times.values()), {}).get("settle", 0)
+
+
 def timing_markdown(out) -> str:
   m = out["machine"]
   threads = tr._labels(out)  # pylint: disable=protected-access
@@ -585,7 +591,8 @@ def timing_markdown(out) -> str:
   lines = [
       f"## Per-iteration time, am_jax vs PyTorch eager, equal architecture ({on})", "",
       f"`python -m benchmarks.torch_soc_reference`; {m['date']}, {m['machine']}, jax {m['jax']}, torch {out['torch']}; "
-      f"{out['rounds']} interleaved rounds x {out['iters']} calls, compile and warm-up excluded.  Speed-up = torch / "
+      f"{out['rounds']} interleaved rounds x {out['iters']} calls ({_settle(out)} untimed call(s) first in each round), "
+      "compile and warm-up excluded.  Speed-up = torch / "
       "am_jax of the round medians per round (> 1: am_jax faster), median (min-max) over the rounds, in process CPU "
       "time (all threads; robust to other jobs) and wall clock.  Load average at the start: "
       f"{out.get('load_average', '?')}.", "",
