@@ -4,8 +4,8 @@
 #   bash benchmarks/device_check.sh            # on the GPU machine, from the repository root; results under $OUT
 #
 # Through the device tool: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600), where
-# .whl/ (git-ignored) holds the wheels the GPU image lacks (ml_collections, mlxtend; see
-# /work/.library/device/README.md).  Each stage runs under what is left of a fixed deadline, so a slow stage cuts the
+# .whl/ (git-ignored) holds the wheels the GPU image lacks (ml_collections, mlxtend): make it here first with
+# `bash benchmarks/device_wheels.sh`.  Each stage runs under what is left of a fixed deadline, so a slow stage cuts the
 # later ones short instead of losing everything; every stage writes its own files.
 #
 #   1. am_jax vs torch eager on CUDA, one AM step (toy 1-D, 3x256 MLP d = 2 / 16; M = 20 and 40):
