@@ -15,6 +15,7 @@
 #   3. train step vs its floor (gmm2d, digits U-Net, MNIST U-Net):  benchmarks.train_step -> train_step_*_gpu.json
 set -u
 DEADLINE=${DEADLINE:-540}   # seconds of this script's own time (the device call adds its start and transfers)
+TORCH_DEVICE=${TORCH_DEVICE:-cuda}   # TORCH_DEVICE=cpu DEADLINE=300 bash benchmarks/device_check.sh: a dry run on CPU
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -45,9 +46,9 @@ stage() {  # stage NAME SECONDS_AT_MOST COMMAND...: runs under min(SECONDS_AT_MO
   echo "== $name: exit $? after $((SECONDS - t0))s" >>"$LOG"
 }
 
-stage torch_reference 200 python3 -m benchmarks.torch_reference --torch_device=cuda --rounds=5 --iters=5 \
+stage torch_reference 200 python3 -m benchmarks.torch_reference --torch_device=$TORCH_DEVICE --rounds=5 --iters=5 \
   --out_dir="$OUT" --out_name=torch_reference_gpu
-stage torch_soc_reference 200 python3 -m benchmarks.torch_soc_reference --torch_device=cuda --rounds=5 --iters=2 \
+stage torch_soc_reference 200 python3 -m benchmarks.torch_soc_reference --torch_device=$TORCH_DEVICE --rounds=5 --iters=2 \
   --floor_rounds=3 --floor_parts=all,rollout,loss --out_dir="$OUT" --out_name=torch_soc_reference_gpu
 for cfg in gmm2d digits_pretrain mnist; do
   stage "train_step $cfg" 90 python3 -m benchmarks.train_step --config="configs/$cfg.py" --solvers=scan \
