@@ -2,7 +2,8 @@
 
 ``tests/data/golden_pre_redesign.json`` holds the losses and final parameters of short runs of the pre-redesign
 code (``python tests/data/golden_capture_pre_redesign.py``, old API at commit 960d098).  The same runs through the
-new API must reproduce every number exactly (same keys, same arithmetic: only the plumbing was redesigned).
+new API must reproduce every jitted number exactly (same keys, same arithmetic: only the plumbing was redesigned);
+the eagerly evaluated SOC L2 error to float32 rounding (XLA:CPU's eager kernels differ by CPU).
 
 The runs go in a fresh process with ONE CPU device, as the capture ran: XLA:CPU compiles differently when
 ``conftest.py`` forces 8 virtual devices (measured: the pre-redesign code itself then misses its own golden EAM
@@ -108,4 +109,8 @@ def test_soc_linear_ou_bit_identical():
   got = run_on_one_device("soc_linear_ou_run")
   diff = [(i, g, w) for i, (g, w) in enumerate(zip(got["loss"], want["loss"])) if g != w]
   assert len(got["loss"]) == len(want["loss"]) == 20 and got["loss"] == want["loss"], diff
-  assert got["l2_error"] == want["l2_error"], (got["l2_error"], want["l2_error"])
+  # The evaluation runs eagerly, op by op, and XLA:CPU picks its reduction kernels per CPU: on the AMD Zen 5
+  # machines of 2026-11-26 the mean differs from the Intel capture in the last bit (0.35236102 vs 0.35236105)
+  # while every jitted training loss above stays bit-identical.  Hence float32 rounding here, not equality.
+  assert abs(got["l2_error"] - want["l2_error"]) <= 4 * 2.0**-23 * abs(want["l2_error"]), (
+      got["l2_error"], want["l2_error"])
