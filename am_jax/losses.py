@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import chex
 import jax
@@ -79,10 +79,13 @@ class AMConfig:
   # the backward adjoint, keeping only the states/adjoints of the loss time steps: O((S + K/S + M) B dim)
   # instead of O(K B dim), for K more forward passes of the fine-tuned model.  0 = off (store everything).
   remat_segments: int = 0
-  # chunk_loss: evaluate the loss one selected time step at a time (lax.scan over the M steps, each under
-  # jax.checkpoint): the backward pass holds the activations of batch B instead of M * B, for one more
-  # forward pass of the fine-tuned model at the loss points.  Same value and gradient to float rounding.
-  chunk_loss: bool = False
+  # chunk_loss: evaluate the loss in chunks of n selected time steps (n = int(chunk_loss): True is 1; n must
+  # divide the M loss steps), a lax.scan over the M / n chunks that takes each chunk's VJP at once and
+  # accumulates the gradient in the fine-tuned params (``_chunked_loss``): the activations of n * B rows live at
+  # a time instead of M * B, with no recomputation.  Same value and gradient to float rounding; only ft_params
+  # are differentiated.  On a CPU it is also faster once the M * B rows' activations outgrow the cache
+  # (docs/performance.md section 12.14); False / 0: one call at all M * B points.
+  chunk_loss: Union[bool, int] = False
   # reuse_base_velocity: keep the base velocities v_base(X_k, tau_k) that the adjoint's VJPs evaluate anyway
   # (``AMBatch.base_velocity``) and use them in the loss instead of a second base forward at the M * B loss
   # points (solver 'scan', remat_segments = 0).  Same loss and gradient to float rounding (the base network then
@@ -135,8 +138,12 @@ class AMConfig:
                        f"{self.num_steps}, got {self.remat_segments!r}.")
     if self.remat_segments and self.solver != "scan":
       raise ValueError(f"AMConfig.remat_segments > 0 needs solver = 'scan', got solver = {self.solver!r}.")
-    if not isinstance(self.chunk_loss, bool):
-      raise TypeError(f"AMConfig.chunk_loss must be a bool, got {self.chunk_loss!r}.")
+    if not isinstance(self.chunk_loss, numbers.Integral) or self.chunk_loss < 0:
+      raise TypeError(f"AMConfig.chunk_loss must be a bool or a number of loss time steps per chunk >= 0, got "
+                      f"{self.chunk_loss!r}.")
+    if self.chunk_loss and self.num_loss_timesteps % int(self.chunk_loss):
+      raise ValueError(f"AMConfig.chunk_loss = {int(self.chunk_loss)} time steps per chunk must divide the "
+                       f"{self.num_loss_timesteps} loss time steps (num_random_timesteps + num_last_timesteps).")
     if not isinstance(self.reuse_base_velocity, bool):
       raise TypeError(f"AMConfig.reuse_base_velocity must be a bool, got {self.reuse_base_velocity!r}.")
     if self.network_dtype not in parameterisation.NETWORK_DTYPES:
@@ -150,6 +157,12 @@ class AMConfig:
         schedules_lib.get_diffusion(self.diffusion), (schedules_lib.Memoryless, schedules_lib.ZeroDiffusion)):
       raise errors.ConfigError(f"AMConfig.integrator = 'exponential' needs diffusion 'memoryless' (or 'ode'), "
                                f"got diffusion = {self.diffusion!r}.")
+
+  @property
+  def num_loss_timesteps(self) -> int:
+    """M: how many time steps ``select_timesteps`` picks (random + last, bounded by the grid)."""
+    n_rand, n_last, _ = _loss_timestep_counts(self)
+    return n_rand + n_last
 
   def coefficients(self) -> sampling.StepCoefficients:
     return sampling.make_coefficients(self.schedule, self.diffusion, self.num_steps, self.time_offset,
@@ -170,12 +183,18 @@ class AMBatch(NamedTuple):
   base_velocity: Optional[jax.Array] = None
 
 
-def select_timesteps(key, config: AMConfig):
-  """Indices (M,) of the loss time steps: random ones from the early grid plus the last ones."""
+def _loss_timestep_counts(config: AMConfig):
+  """(number of random, number of last, size of the random pool) of ``select_timesteps``."""
   k_steps = config.num_steps
   n_last = min(config.num_last_timesteps, k_steps)
   pool = min(int(config.random_timestep_fraction * k_steps), k_steps - n_last)
-  n_rand = min(config.num_random_timesteps, pool)
+  return min(config.num_random_timesteps, pool), n_last, pool
+
+
+def select_timesteps(key, config: AMConfig):
+  """Indices (M,) of the loss time steps: random ones from the early grid plus the last ones."""
+  k_steps = config.num_steps
+  n_rand, n_last, pool = _loss_timestep_counts(config)
   last = jnp.arange(k_steps - n_last, k_steps, dtype=jnp.int32)
   if n_rand == 0:
     return last
@@ -261,7 +280,8 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   """The loss of ``adjoint_matching_loss`` given the selected pairs: x_sel = X_k, a_sel = a_{k+1}, k in idx.
 
   x_sel, a_sel: (M, B, ...); idx: (M,) step indices; rewards: (B,) (diagnostics only).  With
-  ``config.chunk_loss`` the M time steps are evaluated one at a time under ``jax.checkpoint``.
+  ``config.chunk_loss`` = n the M time steps are evaluated n at a time, the gradient accumulated chunk by chunk
+  (``_chunked_loss``).
   v_base_sel: optional (M, B, ...) base velocities v_base(X_k, tau_k) already computed (by the adjoint's
   VJPs, ``AMBatch.base_velocity``); None evaluates the base network here.
   """
@@ -281,9 +301,11 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   base_apply_fn = parameterisation.mixed_precision(base_apply_fn, config.network_dtype)
   coeffs = config.coefficients()
   m, b = idx.shape[0], x_sel.shape[1]
+  thresh = None if config.loss_clip is None else config.loss_clip * config.reward_multiplier**2
   if config.chunk_loss:
-    terms, u_sq, target_sq = _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx,
-                                            coeffs, cond, v_base_sel, difference)
+    loss, terms, u_sq, target_sq = _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel,
+                                                 idx, coeffs, cond, v_base_sel, difference, int(config.chunk_loss),
+                                                 thresh)
   else:
     x = x_sel.reshape((m * b,) + x_sel.shape[2:])
     a = a_sel.reshape((m * b,) + x_sel.shape[2:])
@@ -299,13 +321,8 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
     terms = jnp.sum(((u - target) ** 2).reshape(m * b, -1), axis=-1)
     u_sq = jnp.sum((u**2).reshape(m * b, -1), -1)
     target_sq = jnp.sum((target**2).reshape(m * b, -1), -1)
-  if config.loss_clip is not None:
-    thresh = config.loss_clip * config.reward_multiplier**2
-    clipped = jnp.minimum(terms, thresh)
-    clip_fraction = jnp.mean(terms > thresh)
-  else:
-    clipped, clip_fraction = terms, jnp.zeros(())
-  loss = jnp.mean(clipped)
+    loss = jnp.mean(terms if thresh is None else jnp.minimum(terms, thresh))
+  clip_fraction = jnp.zeros(()) if thresh is None else jnp.mean(terms > thresh)
   aux = {
       "loss_unclipped": jnp.mean(terms),
       "clip_fraction": clip_fraction,
@@ -332,32 +349,76 @@ def _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, differenc
   return diff
 
 
-def _chunked_terms(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, coeffs, cond,
-                   v_base_sel=None, difference=None):
-  """Per-term losses (M * B,) and |u|^2, |target|^2, one loss time step per ``lax.scan`` iteration.
+def _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, coeffs, cond,
+                  v_base_sel, difference, steps_per_chunk: int, clip_threshold: Optional[float]):
+  """The clipped mean loss and the per-term losses, |u|^2, |target|^2 (M * B,), with ``steps_per_chunk`` = n loss
+  time steps (n B rows) per ``lax.scan`` iteration and the gradient in ``ft_params`` accumulated chunk by chunk.
 
-  Each iteration is a ``jax.checkpoint``: the backward pass stores only its inputs and recomputes the
-  network activations of one time step (batch B) at a time.  ``difference``: ft - base without the base
+  The loss is a mean of per-term losses, each clipped on its own, so d loss / d term = [term < threshold] / (M B)
+  is known as soon as a chunk's terms are: each scan iteration takes the VJP of its chunk with that cotangent and
+  adds it to the running gradient.  The backward pass of the loss is then the stored sum times the incoming
+  cotangent (``jax.custom_vjp``): no chunk's activations outlive its iteration and nothing is recomputed (a
+  ``jax.checkpoint`` per chunk would evaluate every chunk's forward twice).  Only ``ft_params`` get a gradient;
+  the diagnostics (terms, |u|^2, |target|^2) carry none.  ``difference``: ft - base without the base
   (``parameterisation.residual_difference``), used when given (with ``v_base_sel``).
   """
   m, b = idx.shape[0], x_sel.shape[1]
+  s, rows = steps_per_chunk, m * b
+  if m % s:
+    raise ValueError(f"AMConfig.chunk_loss = {s} time steps per chunk must divide the {m} loss time steps.")
+  chunks = lambda z: None if z is None else z.reshape((m // s, s) + z.shape[1:])  # noqa: E731
+  data = tuple(chunks(z) for z in (x_sel, a_sel, coeffs.tau[idx], coeffs.loss_sigma[idx],
+                                   1.0 + coeffs.loss_drift_scale[idx], v_base_sel))
 
-  @jax.checkpoint
-  def one_step(params, x, a, tau, sig, one_plus_c, v_base):
-    t = jnp.full((b,), tau, jnp.float32)
-    with time_hints.rows_in_time_blocks(1):  # every row at tau
-      diff = _ft_minus_base(ft_apply_fn, params, base_apply_fn, base_params, difference, x, t, cond, v_base)
-    u = (one_plus_c / sig).astype(x.dtype) * diff
-    target = -sig.astype(x.dtype) * a
-    flat = lambda z: z.reshape(b, -1)  # noqa: E731
-    return (jnp.sum(flat(u - target) ** 2, -1), jnp.sum(flat(u) ** 2, -1), jnp.sum(flat(target) ** 2, -1))
+  def chunk_terms(params, base_p, cond, x, a, tau, sig, one_plus_c, v_base):
+    flat_rows = lambda z: z.reshape((s * b,) + z.shape[2:])  # noqa: E731  (n, B, ...) -> (n B, ...)
+    x, a = flat_rows(x), flat_rows(a)
+    v_base = None if v_base is None else flat_rows(v_base)
+    with time_hints.rows_in_time_blocks(s):  # n blocks of B rows, one time each
+      diff = _ft_minus_base(ft_apply_fn, params, base_apply_fn, base_p, difference, x, jnp.repeat(tau, b),
+                            _tile_cond(cond, s), v_base)
+    u = _bcast(jnp.repeat(one_plus_c / sig, b).astype(x.dtype), x) * diff
+    target = -_bcast(jnp.repeat(sig, b).astype(x.dtype), x) * a
+    flat = lambda z: z.reshape(s * b, -1)  # noqa: E731
+    return jnp.sum(flat(u - target) ** 2, -1), (jnp.sum(flat(u) ** 2, -1), jnp.sum(flat(target) ** 2, -1))
 
-  def body(carry, inp):
-    return carry, one_step(ft_params, *inp)
+  def clipped_mean(terms):
+    return jnp.mean(terms if clip_threshold is None else jnp.minimum(terms, clip_threshold))
 
-  inputs = (x_sel, a_sel, coeffs.tau[idx], coeffs.loss_sigma[idx], 1.0 + coeffs.loss_drift_scale[idx], v_base_sel)
-  _, (terms, u_sq, target_sq) = jax.lax.scan(body, None, inputs)
-  return terms.reshape(m * b), u_sq.reshape(m * b), target_sq.reshape(m * b)
+  def flatten(outs):
+    return tuple(o.reshape(rows) for o in outs)
+
+  def forward(params, base_p, cond, data):  # the terms only (no gradient wanted)
+    def body(carry, chunk):
+      terms, (u_sq, target_sq) = chunk_terms(params, base_p, cond, *chunk)
+      return carry, (terms, u_sq, target_sq)
+    return flatten(jax.lax.scan(body, None, data)[1])
+
+  def accumulate(params, base_p, cond, data):  # the terms and the gradient of clipped_mean in params
+    def body(grad_sum, chunk):
+      terms, vjp_fn, (u_sq, target_sq) = jax.vjp(lambda p: chunk_terms(p, base_p, cond, *chunk), params,
+                                                 has_aux=True)
+      weight = jnp.ones_like(terms) if clip_threshold is None else (terms < clip_threshold).astype(terms.dtype)
+      (grad,) = vjp_fn(weight / rows)
+      return jax.tree.map(jnp.add, grad_sum, grad), (terms, u_sq, target_sq)
+    grad_sum, outs = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), data)
+    return flatten(outs), grad_sum
+
+  @jax.custom_vjp
+  def loss_and_terms(params, base_p, cond, data):
+    outs = forward(params, base_p, cond, data)
+    return (clipped_mean(outs[0]),) + outs
+
+  def fwd(params, base_p, cond, data):
+    outs, grad_sum = accumulate(params, base_p, cond, data)
+    return (clipped_mean(outs[0]),) + outs, grad_sum
+
+  def bwd(res, cotangents):
+    grad_sum = res
+    return jax.tree.map(lambda g: cotangents[0] * g, grad_sum), None, None, None  # None: zero cotangent
+
+  loss_and_terms.defvjp(fwd, bwd)
+  return loss_and_terms(ft_params, base_params, cond, data)
 
 
 def make_am_selection(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, base_params, reward_fn: Callable,

@@ -6,6 +6,8 @@ r"""A PyTorch eager reference of the Adjoint Matching step, and am_jax / torch s
                                                     # -> torch_reference_gpu.* (benchmarks/device_check.sh)
     python -m benchmarks.torch_reference --mode=xla --loss_times=m20 --rounds=3
                                                     # XLA:CPU options, 3x256 MLP -> torch_reference_xla_cpu.*
+    python -m benchmarks.torch_reference --mode=network --rounds=7 --iters=5
+                                                    # the MLP's dense layers alone -> torch_reference_network_cpu.*
 
 Needs the optional extra ``pip install -e ".[torch]"`` (any CPU build of torch >= 2.1; nothing in ``am_jax`` or the
 default tests imports torch; ``tests/test_torch_reference.py`` is skipped without it).
@@ -697,6 +699,119 @@ def xla_markdown(out) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# The network alone (which framework's dense layers are faster on this CPU)
+
+
+def run_network(rows: int = 5120, dim: int = 16, hidden=(256, 256, 256), threads=(1, 2), rounds=7, iters=5) -> dict:
+  """The 3x256 MLP's dense layers alone, am_jax's XLA against torch eager at each thread count, interleaved:
+  one (rows, 256) x (256, 256) product, the MLP's forward, and its forward + backward in the weights (the loss's
+  work at M B = ``rows`` points).  Float32, SiLU, the same random weights and inputs in both frameworks.
+
+  This separates the dense-layer speed of the two frameworks' CPU libraries (XLA's dot emitter vs torch's BLAS)
+  from the step's structure: on CPUs where torch's BLAS runs fewer FLOP/s per core, the whole step's ratio
+  follows (docs/performance.md section 12.14)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  torch = _torch()
+  sizes = [dim, *hidden, dim]
+  rng = np.random.default_rng(0)
+  ws = [(rng.standard_normal((a, b)) / math.sqrt(a)).astype(np.float32) for a, b in zip(sizes[:-1], sizes[1:])]
+  bs = [np.zeros(b, np.float32) for b in sizes[1:]]
+  x = rng.standard_normal((rows, dim)).astype(np.float32)
+  h = rng.standard_normal((rows, hidden[0])).astype(np.float32)
+
+  def mlp_jax(params, x):
+    for i, (w, b) in enumerate(params):
+      x = x @ w + b
+      x = jax.nn.silu(x) if i < len(params) - 1 else x
+    return x
+
+  jparams = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(ws, bs)]
+  jx, jh, jw = jnp.asarray(x), jnp.asarray(h), jnp.asarray(ws[1])
+  dot_j = jax.jit(lambda a, b: a @ b)
+  fwd_j = jax.jit(mlp_jax)
+  vg_j = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(mlp_jax(p, x) ** 2)))
+  tparams = [(torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)) for w, b in zip(ws, bs)]
+  tx, th, tw = torch.tensor(x), torch.tensor(h), torch.tensor(ws[1])
+
+  def mlp_torch(x):
+    for i, (w, b) in enumerate(tparams):
+      x = x @ w + b
+      x = torch.nn.functional.silu(x) if i < len(tparams) - 1 else x
+    return x
+
+  def vg_torch():
+    loss = (mlp_torch(tx) ** 2).mean()
+    grads = torch.autograd.grad(loss, [t for wb in tparams for t in wb])
+    return loss.item(), grads
+
+  def at(n, fn):
+    def run():
+      if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+      return fn()
+    return run
+
+  def no_grad(fn):
+    def run():
+      with torch.no_grad():
+        return fn()
+    return run
+
+  pieces = {"dot": (lambda: dot_j(jh, jw), no_grad(lambda: th @ tw)),
+            "forward": (lambda: fwd_j(jparams, jx), no_grad(lambda: mlp_torch(tx))),
+            "forward_backward": (lambda: vg_j(jparams, jx), vg_torch)}
+  flops = {"dot": 2 * rows * hidden[0] * hidden[1],
+           "forward": 2 * rows * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))}
+  flops["forward_backward"] = 3 * flops["forward"]
+  out = {"machine": common.machine_info(), "torch": torch.__version__, "rows": rows, "dim": dim,
+         "hidden": list(hidden), "threads": [int(n) for n in threads], "rounds": rounds, "iters": iters,
+         "load_average": _load_average(), "cpu_model": _cpu_model(), "rows_out": []}
+  for piece, (jfn, tfn) in pieces.items():
+    runs = {"am_jax": jfn, **{f"torch_{n}t": at(int(n), tfn) for n in threads}}
+    times = interleaved(runs, rounds, iters)
+    row = {"piece": piece, "gflop": flops[piece] / 1e9, "step_s": {k: v["median_s"] for k, v in times.items()},
+           "cpu_s": {k: v["cpu_median_s"] for k, v in times.items()}, "times": times}
+    for n in threads:
+      row[f"jax_over_torch_{n}t"] = _summary(_ratios(times, "am_jax", f"torch_{n}t"))
+    out["rows_out"].append(row)
+    print(f"{piece:17s} " + "  ".join(f"{k} {v * 1e3:7.2f} ms ({flops[piece] / v / 1e9:5.0f} GFLOP/s)"
+                                       for k, v in row["step_s"].items()), flush=True)
+  return out
+
+
+def network_markdown(out) -> str:
+  th = out["threads"]
+  lines = ["# The 3x256 MLP's dense layers alone, XLA:CPU (am_jax) vs torch eager", "",
+           f"`python -m benchmarks.torch_reference --mode=network`; {out['machine']['date']}, {out['cpu_model']}, "
+           f"{out['machine']['machine']}, jax {out['machine']['jax']}, torch {out['torch']}; {out['rows']} rows, "
+           f"d = {out['dim']}, hidden {out['hidden']}, float32; {out['rounds']} interleaved rounds x {out['iters']} "
+           f"calls; load average at the start {out['load_average']}.  Wall-clock ms and GFLOP/s (forward + backward "
+           "counted as 3 forwards); ratio < 1: XLA faster.", "",
+           "| piece | am_jax ms (GFLOP/s) | " + " | ".join(f"torch {n}t ms (GFLOP/s) | am_jax / torch {n}t"
+                                                          for n in th) + " |",
+           "|---|---|" + "---|---|" * len(th)]
+  for row in out["rows_out"]:
+    g = row["gflop"]
+    cell = lambda k: f"{row['step_s'][k] * 1e3:.2f} ({g / row['step_s'][k]:.0f})"  # pylint: disable=cell-var-from-loop
+    r = lambda n: row[f"jax_over_torch_{n}t"]  # pylint: disable=cell-var-from-loop
+    lines.append(f"| {row['piece']} | {cell('am_jax')} | " + " | ".join(
+        f"{cell(f'torch_{n}t')} | {r(n)['median']:.3f} ({r(n)['min']:.3f}-{r(n)['max']:.3f})" for n in th) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "?"
+
+
 def _load_average():
   try:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -728,16 +843,20 @@ def main(argv):
     out = run_xla_study(wl, f.loss_times.split(",")[0], list(f.flag_variants), f.torch_threads, f.rounds, f.iters,
                         f.passes, on_pass=lambda o: _write(prefix, o, xla_markdown(o)))
     print(xla_markdown(out))
+  elif f.mode == "network":
+    out = run_network(threads=tuple(int(n) for n in f.threads), rounds=f.rounds, iters=f.iters)
+    print(network_markdown(out))
+    _write(os.path.join(f.out_dir, f.out_name or "torch_reference_network_cpu"), out, network_markdown(out))
   elif f.mode == "xla_worker":
     res = run_xla_worker(workloads, f.loss_times.split(",")[0], list(f.variants), f.torch_threads, f.rounds, f.iters)
     print(json.dumps(res, default=float))
   else:
-    raise ValueError(f"--mode must be reference, xla or xla_worker, got {f.mode!r}.")
+    raise ValueError(f"--mode must be reference, network, xla or xla_worker, got {f.mode!r}.")
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_enum("mode", "reference", ["reference", "xla", "xla_worker"], "What to run.")
+  flags.DEFINE_enum("mode", "reference", ["reference", "network", "xla", "xla_worker"], "What to run.")
   flags.DEFINE_list("workloads", list(WORKLOADS), f"Workloads among {list(WORKLOADS)}.")
   flags.DEFINE_string("loss_times", "m20,m40", f"Loss-time settings among {list(LOSS_TIMES)} (xla: the first).")
   flags.DEFINE_list("threads", ["1", "2"], "torch.set_num_threads settings to time.")

@@ -16,6 +16,8 @@ donation) on a freshly initialised base, and reports (printed and written as JSO
 * ``floor_per_row`` / ``scan/step_per_row``: the floor and the step compiled with ``models.MLP``'s per-row time
   embedding (``common.per_row_time``: the code before its shared-time path), in the same interleaved rounds, and
   ``floor_per_row_over_step`` = today's floor / the new step (issue 17's ">= 1.2x below the floor");
+* ``scan/step_unchunked`` (when the config sets ``am.chunk_loss``): the step with the loss in one call at all M B
+  points, and ``unchunked_over_step``;
 * ``scan/step_base_in_loss``: the step evaluating ft - v_base at the loss points instead of the residual network
   alone (``common.base_in_loss``; the same program for full / LoRA models), and ``base_in_loss_over_step``.
 """
@@ -41,7 +43,8 @@ flags.DEFINE_integer("num_devices", 1, "Devices in the data mesh (-1: all).")
 flags.DEFINE_bool("pieces", True, "Also time sampling / adjoint / loss+update and the floor of each separately.")
 flags.DEFINE_string("network_dtype", "", "Override AMConfig.network_dtype ('float32' / 'bfloat16').")
 flags.DEFINE_integer("remat_segments", -1, "Override AMConfig.remat_segments (-1: config value).")
-flags.DEFINE_bool("chunk_loss", None, "Override AMConfig.chunk_loss.")
+flags.DEFINE_integer("chunk_loss", None, "Override AMConfig.chunk_loss (loss time steps per chunk; "
+                     "0: one call at all M B loss points).")
 flags.DEFINE_bool("fast_conv_vjp", True, "U-Net convolutions with models.conv_general_dilated_fast_vjp "
                   "(False: JAX's own VJPs, the 'before' of docs/performance.md section 12.2).")
 
@@ -86,6 +89,11 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       with common.base_in_loss():
         runs["scan/step_base_in_loss"], compile_s["scan/step_base_in_loss"], _ = common.step_runner(
             common.make_step(problem, mesh, config), state, base_params)
+    if solver == "scan" and config.chunk_loss:
+      # The same step evaluating the loss in one call at all M B points (chunk_loss = 0; the floor does too).
+      state, base_params = common.init_state(problem, mesh)
+      runs["scan/step_unchunked"], compile_s["scan/step_unchunked"], _ = common.step_runner(
+          common.make_step(problem, mesh, dataclasses.replace(config, chunk_loss=0)), state, base_params)
     if solver == "scan":
       state, base_params = common.init_state(problem, mesh)
       with common.per_row_time():
@@ -121,6 +129,10 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
     if solver == "scan" and "scan/step_base_in_loss" in med:
       res["step_base_in_loss_s"] = med["scan/step_base_in_loss"]
       res["base_in_loss_over_step"] = med["scan/step_base_in_loss"] / step_s
+    if solver == "scan" and "scan/step_unchunked" in med:
+      res["step_unchunked_s"] = med["scan/step_unchunked"]
+      res["unchunked_over_step"] = med["scan/step_unchunked"] / step_s
+      res["floor_over_unchunked"] = med["floor"] / med["scan/step_unchunked"]
     if solver == "scan":
       res["step_per_row_s"] = med["scan/step_per_row"]
       res["floor_per_row_s"] = med["floor_per_row"]
@@ -140,6 +152,10 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       print(f"{'':8s} shared-time MLP path: today's floor (per-row time) {1e3 * res['floor_per_row_s']:.2f} ms, "
             f"step (per-row time) {1e3 * res['step_per_row_s']:.2f} ms; floor_per_row/step "
             f"{res['floor_per_row_over_step']:.3f}", flush=True)
+    if "unchunked_over_step" in res:
+      print(f"{'':8s} loss in chunks of {int(problem.am_config.chunk_loss)} time step(s): the step with the loss in one call "
+            f"{1e3 * res['step_unchunked_s']:.2f} ms, unchunked/step {res['unchunked_over_step']:.3f}, "
+            f"floor/unchunked {res['floor_over_unchunked']:.3f}", flush=True)
     if "floor_over_step" in res:
       print(f"{'':8s} base evaluations reused: floor/step {res['floor_over_step']:.3f}, "
             f"recompute/step {res['recompute_over_step']:.3f} (recompute {1e3 * res['step_recompute_s']:.2f} ms)",

@@ -147,7 +147,9 @@ def test_loss_clip_and_vmap():
     ({"num_steps": 40, "remat_segments": 7}, "remat_segments"),
     ({"remat_segments": -1}, "remat_segments"),
     ({"remat_segments": 4, "solver": "diffrax"}, "solver"),
-    ({"chunk_loss": 1}, "chunk_loss"),
+    ({"chunk_loss": -1}, "chunk_loss"),
+    ({"chunk_loss": 1.5}, "chunk_loss"),
+    ({"chunk_loss": 3}, "chunk_loss"),  # must divide the M = 20 loss time steps
     ({"reuse_base_velocity": 1}, "reuse_base_velocity"),
     ({"network_dtype": "float16"}, "network_dtype"),
 ])
@@ -215,7 +217,7 @@ def test_memory_options_give_the_same_loss_and_gradient():
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
   assert scale > 1e-3 and 0.0 < float(aux0["clip_fraction"]) < 1.0
   # Each path once: remat (trajectory segments + the selected pairs) and the chunked loss (shared by both paths).
-  for options in (dict(remat_segments=4), dict(chunk_loss=True), dict(reuse_base_velocity=False)):
+  for options in (dict(remat_segments=4), dict(chunk_loss=True), dict(chunk_loss=7), dict(reuse_base_velocity=False)):
     (l1, aux1), g1 = value_and_grad(dataclasses.replace(config, **options))
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, err_msg=str(options))
     for k in aux0:
@@ -300,14 +302,54 @@ def test_loss_embeds_each_loss_time_once():
       out = jax.jit(jax.value_and_grad(fn))(params)
     return out, embedded
 
-  for options in (dict(), dict(chunk_loss=True)):
+  for options, want in ((dict(), ([m * b], [m])), (dict(chunk_loss=True), ([b], [1])),
+                        (dict(chunk_loss=m), ([m * b], [m]))):
     cfg = dataclasses.replace(config, **options)
     with models.per_row_time():
       (l0, g0), before = value_and_grad(cfg)
     (l1, g1), after = value_and_grad(cfg)
-    # The embeddings traced by the loss (inside its time-block hint): M B -> M rows (chunked: B -> 1 per step).
-    assert (before, after) == (([m * b], [m]) if not options else ([b], [1])), (options, before, after)
+    # The embeddings traced by the loss (inside its time-block hint): M B -> M rows (chunked: n B -> n per chunk).
+    assert (before, after) == want, (options, before, after)
     np.testing.assert_allclose(float(l1), float(l0), rtol=5e-5, err_msg=str(options))  # the rollouts differ by rounding too
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
     diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
     assert diff < 5e-5 * scale, options
+
+
+def test_loss_chunks_of_several_time_steps_match_one_call():
+  """``chunk_loss = n``: the M loss steps in M / n checkpointed chunks of n B rows (conditioning tiled per chunk) give
+  the loss, aux and gradient of the single (M B)-row call to float rounding, for every divisor n of M."""
+  ring = gmm.ring_2d(4, 1.5, 0.3)
+  params = _plain_mlp_init(jax.random.PRNGKey(5), dim=2)
+  params["w2"] = 30.0 * params["w2"]
+  params["wc"] = 0.5 * jax.random.normal(jax.random.PRNGKey(6), (3, 2))
+
+  def ft(p, x, t, label):  # a conditional model: the label's row of wc shifts the velocity
+    return _plain_mlp_apply(p, x, t, ring) + p["wc"][label]
+
+  def base(p, x, t, label):
+    del label
+    return gmm.velocity(p, x, t, S)
+
+  labels = jnp.arange(32) % 3
+  reward = rewards.quadratic_reward(0.5 * jnp.eye(2), jnp.array([1.0, -0.5]))
+  config = losses.AMConfig(num_steps=12, num_random_timesteps=4, num_last_timesteps=4, reward_multiplier=2.0)
+  assert config.num_loss_timesteps == 8
+
+  def value_and_grad(cfg):
+    fn = lambda p: losses.adjoint_matching_objective(ft, p, base, ring, reward, jax.random.PRNGKey(3),  # noqa: E731
+                                                     (32, 2), cfg, cond=(labels,))
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+  (l0, aux0), g0 = value_and_grad(config)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
+  assert scale > 1e-3 and float(jnp.max(jnp.abs(g0["wc"]))) > 1e-3
+  for n in (1, 2, 4, 8):
+    (l1, aux1), g1 = value_and_grad(dataclasses.replace(config, chunk_loss=n))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, err_msg=str(n))
+    for k in aux0:
+      np.testing.assert_allclose(float(aux1[k]), float(aux0[k]), rtol=1e-5, atol=1e-6, err_msg=f"{k} {n}")
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    assert diff < 1e-5 * scale, n
+  with pytest.raises(ValueError, match="chunk_loss"):
+    dataclasses.replace(config, chunk_loss=3)
