@@ -350,12 +350,30 @@ def time_floor(problem: Bench, params, base_params, warm: int = 3, iters: int = 
 # Output
 
 
+def cpu_model() -> str:
+  """The host CPU as /proc/cpuinfo names it, with its family ('AMD EPYC (family 26)'); '' where unreadable.
+
+  Recorded because ratios against torch depend on it: torch's (MKL) dots ran at about XLA's rate per core on the
+  machine of 2026-11-26 and at half of it on the AMD EPYC family 26 of 2026-11-27 (docs/performance.md 12.14).
+  """
+  fields = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+  except OSError:
+    return platform.processor()
+  name = fields.get("model name", "")
+  return f"{name} (family {fields['cpu family']})" if name and "cpu family" in fields else name
+
+
 def machine_info() -> dict:
   if jax.default_backend() == "cpu":
     machine = f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores usable"
   else:
     machine = jax.devices()[0].device_kind
-  return {"date": time.strftime("%Y-%m-%d"), "machine": machine, "cpu_count": os.cpu_count(),
+  return {"date": time.strftime("%Y-%m-%d"), "machine": machine, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
           "python": platform.python_version()}
 

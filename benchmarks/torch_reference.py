@@ -20,7 +20,9 @@ The step (both frameworks, float32, the default Euler-Maruyama grid of ``AMConfi
    a_k = a_{k+1} + h (grad_x b_k(X_k))^T a_{k+1}, k = K-1 .. 0 (``adjoint.lean_adjoint``);
 3. loss on the time subset S (``losses.select_timesteps``: 10 random from the first 3/4 + the last 10, or all 40),
    mean over (k, b) of |(1 + c_k) / sigma_k (v_ft - v_base)(X_k) + sigma_k a_{k+1}|^2, with one batched network call
-   at the M B loss points (``losses.loss_at_timesteps``);
+   at the M B loss points in torch; am_jax by default in chunks of 4 loss time steps (``--chunk_loss``,
+   ``AMConfig.chunk_loss``: the same loss and gradient, each chunk's activations in the CPU's cache; the one-call
+   step is timed beside it) (``losses.loss_at_timesteps``);
 4. gradient of the fine-tuned parameters and one Adam step (optax.adam / torch.optim.Adam, lr 1e-3).
 
 The torch side is what a PyTorch user would write: ``torch.no_grad`` rollout, ``torch.autograd.grad`` for each VJP,
@@ -109,7 +111,7 @@ class JaxSetup:
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, grads
 
-  def make_step(self, optimizer=None, network_dtype: Optional[str] = None, chunk_loss: Optional[bool] = None,
+  def make_step(self, optimizer=None, network_dtype: Optional[str] = None, chunk_loss: Optional[int] = None,
                 precision: Optional[str] = None):
     """Jitted ``step(params, opt_state, base_params, key) -> (params, opt_state, loss)`` (params donated)."""
     optimizer = optimizer or optax.adam(LEARNING_RATE)
@@ -493,18 +495,26 @@ def _summary(r):
   return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
 
 
-def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, device="cpu", settle: int = 1) -> dict:
-  """am_jax (on jax's default device) against torch on ``device`` (CPU: one run per thread count in ``threads``)."""
+def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, device="cpu", settle: int = 1,
+                  chunk_loss: int = 0) -> dict:
+  """am_jax (on jax's default device) against torch on ``device`` (CPU: one run per thread count in ``threads``).
+
+  chunk_loss > 0: am_jax's step evaluates the loss in chunks of that many time steps (``AMConfig.chunk_loss``: same
+  loss and gradient to float rounding, the chunk's activations stay in the CPU's cache), and the step with the loss
+  in one call is timed in the same rounds too (``am_jax_one_call``).
+  """
   torch = _torch()
   settings = torch_settings(threads, device)
   out = {"machine": common.machine_info(), "torch": torch.__version__, "torch_device": _device_name(device),
          "jax_device": jax.devices()[0].device_kind, "threads": list(settings), "rounds": rounds,
-         "iters": iters, "settle": settle, "load_average": _load_average(), "rows": []}
+         "iters": iters, "settle": settle, "chunk_loss": chunk_loss, "load_average": _load_average(), "rows": []}
   for name in workloads:
     for lt in loss_times:
       setup = build_jax(name, lt)
       runs = {}
-      runs["am_jax"], compile_s = jax_runner(setup)
+      runs["am_jax"], compile_s = jax_runner(setup, chunk_loss=chunk_loss)
+      if chunk_loss:
+        runs["am_jax_one_call"] = jax_runner(setup, chunk_loss=0)[0]
       for label, n in settings.items():
         ref = TorchAM(setup, device=device)
         if n is not None:
@@ -521,6 +531,10 @@ def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, devi
         row[f"jax_over_torch_{label}"] = _summary(_ratios(times, "am_jax", f"torch_{label}"))
         row[f"cpu_jax_over_torch_{label}"] = _summary(_ratios(times, "am_jax", f"torch_{label}",
                                                               "cpu_round_medians_s"))
+      if chunk_loss:
+        for label in settings:
+          row[f"one_call_over_torch_{label}"] = _summary(_ratios(times, "am_jax_one_call", f"torch_{label}"))
+        row["one_call_over_step"] = _summary(_ratios(times, "am_jax_one_call", "am_jax"))
       best = [min(times[f"torch_{label}"]["round_medians_s"][r] for label in settings) for r in range(rounds)]
       row["jax_over_best_torch"] = _summary([a / b for a, b in zip(times["am_jax"]["round_medians_s"], best)])
       out["rows"].append(row)
@@ -535,6 +549,10 @@ def _line(row, threads):
     r, c = row[f"jax_over_torch_{n}"], row[f"cpu_jax_over_torch_{n}"]
     parts.append(f"torch {n} {1e3 * s[f'torch_{n}']:8.2f} ms  am_jax/torch wall {r['median']:.3f} "
                  f"({r['min']:.3f}-{r['max']:.3f}) cpu {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f})")
+  if "one_call_over_step" in row:
+    r = row["one_call_over_step"]
+    parts.append(f"loss in one call {1e3 * s['am_jax_one_call']:8.2f} ms, one call / chunked {r['median']:.3f} "
+                 f"({r['min']:.3f}-{r['max']:.3f})")
   return "  |  ".join(parts)
 
 
@@ -573,6 +591,22 @@ def reference_markdown(out) -> str:
                 f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})",
                 f"{rc['median']:.3f} ({rc['min']:.3f}-{rc['max']:.3f})"]
     lines.append("| " + " | ".join(cells) + " |")
+  one_call = [row for row in out["rows"] if "one_call_over_step" in row]
+  if one_call:
+    lines += ["", f"am_jax's step above evaluates the loss in chunks of {out['chunk_loss']} time steps "
+              "(`AMConfig.chunk_loss`, `--chunk_loss`); the same step with the loss in one call at all M B points, "
+              "timed in the same rounds:", "",
+              "| workload | M | one call ms | one call / chunked | "
+              + " | ".join(f"one call / torch {n}, wall" for n in threads) + " |",
+              "|---|---|---|---|" + "---|" * len(threads)]
+    for row in one_call:
+      r = row["one_call_over_step"]
+      cells = [row["workload"], str(row["num_loss_steps"]), f"{1e3 * row['step_s']['am_jax_one_call']:.1f}",
+               f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"]
+      for n in threads:
+        q = row[f"one_call_over_torch_{n}"]
+        cells.append(f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f})")
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -833,7 +867,7 @@ def main(argv):
   workloads = [w for w in f.workloads if w]
   if f.mode == "reference":
     out = run_reference(workloads, f.loss_times.split(","), tuple(int(n) for n in f.threads), f.rounds, f.iters,
-                        f.torch_device, f.settle)
+                        f.torch_device, f.settle, f.chunk_loss)
     print(reference_markdown(out))
     name = f.out_name or ("torch_reference_cpu" if f.torch_device == "cpu" else "torch_reference_gpu")
     _write(os.path.join(f.out_dir, name), out, reference_markdown(out))
@@ -871,6 +905,8 @@ def _define_flags():
   flags.DEFINE_list("flag_variants", list(XLA_FLAG_VARIANTS),
                     f"--mode=xla: XLA_FLAGS variants {list(XLA_FLAG_VARIANTS)}.")
   flags.DEFINE_list("variants", ["default"], f"--mode=xla_worker: in-process variants {list(IN_PROCESS_VARIANTS)}.")
+  flags.DEFINE_integer("chunk_loss", 4, "am_jax's AMConfig.chunk_loss (loss time steps per chunk; must divide M) "
+                       "in --mode=reference; 0: the loss in one call only.  The one-call step is timed beside it.")
   flags.DEFINE_integer("torch_threads", 1, "--mode=xla: torch threads of the yardstick.")
   flags.DEFINE_integer("passes", 2, "--mode=xla: alternating passes over the XLA_FLAGS variants.")
 

@@ -69,10 +69,13 @@ def get_config(arg: str = ""):
       checkpoint=dict(every_steps=5000, max_to_keep=1))
   c.reward = dict(name=r["name"], terms=r.get("terms", ""), target_class=3, checkpoint="shipped:mnist_classifiers",
                   classifier="A", gold=True)
+  # chunk_loss=1: the loss one time step (B rows of the U-Net) at a time, the gradient accumulated per chunk: the
+  # same loss and gradient, 1.1-1.6x faster steps on a 2-core CPU (docs/performance.md section 12.14); 0 (one
+  # call at all M B points) reproduces runs made before 2026-11-27 bit for bit and may suit a GPU better.
   c.am = dict(reward_multiplier=4.0, num_steps=20, time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=4, random_timestep_fraction=0.75, num_last_timesteps=4,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
-              remat_segments=0, chunk_loss=False, reuse_base_velocity=True, network_dtype="float32",
+              remat_segments=0, chunk_loss=1, reuse_base_velocity=True, network_dtype="float32",
               integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
   c.method = dict(name="am", options="")
   c.finetune = dict(steps=200, batch_size=32, parameterisation=a["param"], hidden=(64,), lora_rank=8, lora_scale=1.0,

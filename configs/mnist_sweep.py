@@ -85,10 +85,13 @@ def get_config(arg: str = ""):
   c.reward = dict(name=r["name"], terms=r["terms"], target_class=3, checkpoint="shipped:mnist_classifiers",
                   classifier="A", gold=True)
   # reward_multiplier is replaced by each of sweep.lambdas.
+  # chunk_loss=1: the loss one time step (B rows of the U-Net) at a time, the gradient accumulated per chunk: the
+  # same loss and gradient, 1.1-1.6x faster steps on a 2-core CPU (docs/performance.md section 12.14); 0 (one
+  # call at all M B points) reproduces runs made before 2026-11-27 bit for bit and may suit a GPU better.
   c.am = dict(reward_multiplier=1.0, num_steps=size["num_steps"], time_offset=0.5, noiseless_last_step=True,
               num_random_timesteps=4, random_timestep_fraction=0.75, num_last_timesteps=4,
               loss_clip=config_dict.placeholder(float), solver="scan", diffusion="memoryless",
-              remat_segments=0, chunk_loss=False, reuse_base_velocity=True, network_dtype="float32",
+              remat_segments=0, chunk_loss=1, reuse_base_velocity=True, network_dtype="float32",
               integrator="euler")  # or "exponential" (docs/maths.md section 6; method "am" only)
   # parameterisation: that of every method but AM (AM runs with each of sweep.am_params); the learning rate is
   # sweep.learning_rates[parameterisation].

@@ -317,7 +317,7 @@ def test_loss_embeds_each_loss_time_once():
 
 
 def test_loss_chunks_of_several_time_steps_match_one_call():
-  """``chunk_loss = n``: the M loss steps in M / n checkpointed chunks of n B rows (conditioning tiled per chunk) give
+  """``chunk_loss = n``: the M loss steps in M / n chunks of n B rows (conditioning tiled per chunk) give
   the loss, aux and gradient of the single (M B)-row call to float rounding, for every divisor n of M."""
   ring = gmm.ring_2d(4, 1.5, 0.3)
   params = _plain_mlp_init(jax.random.PRNGKey(5), dim=2)

@@ -21,6 +21,12 @@ def test_torch_reference_matches_am_jax(name):
                                 lr=torch_reference.LEARNING_RATE)
 
 
+def test_torch_reference_matches_am_jax_with_the_loss_in_chunks():
+  # The benchmark's am_jax step evaluates the loss in chunks of loss time steps (--chunk_loss): same step as torch's.
+  torch_checks.assert_same_step(torch_reference.check_against_jax("mlp_d16", **SMALL, chunk_loss=3), loss_rtol=2e-4,
+                                grad_atol=1e-4, lr=torch_reference.LEARNING_RATE)
+
+
 def test_torch_runs_per_device_and_their_table():
   # CPU: one torch run per thread count; a GPU: one run, its CPU threads left alone (benchmarks/device_check.sh).
   assert torch_reference.torch_settings((1, 2), "cpu") == {"1t": 1, "2t": 2}
@@ -38,3 +44,8 @@ def test_torch_runs_per_device_and_their_table():
                                       "cpu_s": {"am_jax": 0.01, "torch_1t": 0.02}, "jax_over_torch_1t": summary,
                                       "cpu_jax_over_torch_1t": summary}])
   assert "torch 1t ms" in torch_reference.reference_markdown(old)
+  # With the loss in chunks, the one-call step's table follows.
+  chunked = dict(out, chunk_loss=4, rows=[{**row, "step_s": {**row["step_s"], "am_jax_one_call": 0.015},
+                                           "one_call_over_step": summary, "one_call_over_torch_cuda": summary}])
+  md = torch_reference.reference_markdown(chunked)
+  assert "chunks of 4 time steps" in md and "| toy1d | 20 | 15.0 | 0.500 (0.400-0.600) | 0.500 (0.400-0.600) |" in md
