@@ -40,6 +40,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from am_jax import chunked
 from am_jax import errors
 from am_jax import parameterisation
 from am_jax import adjoint as adjoint_lib
@@ -81,8 +82,8 @@ class AMConfig:
   remat_segments: int = 0
   # chunk_loss: evaluate the loss in chunks of n selected time steps (n = int(chunk_loss): True is 1; n must
   # divide the M loss steps), a lax.scan over the M / n chunks that takes each chunk's VJP at once and
-  # accumulates the gradient in the fine-tuned params (``_chunked_loss``): the activations of n * B rows live at
-  # a time instead of M * B, with no recomputation.  Same value and gradient to float rounding; only ft_params
+  # accumulates the gradient in the fine-tuned params (``chunked.separable_loss_in_chunks``): the activations of
+  # n * B rows live at a time instead of M * B, with no recomputation.  Same value and gradient to float rounding; only ft_params
   # are differentiated.  On a CPU it is also faster once the M * B rows' activations outgrow the cache
   # (docs/performance.md section 12.14: 1.1-1.6x faster steps on 2 CPU cores); False / 0: one call at all M * B
   # points (on a multi-device mesh XLA may all-reduce each chunk's gradient: M / n reductions a step, not one).
@@ -282,7 +283,7 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
 
   x_sel, a_sel: (M, B, ...); idx: (M,) step indices; rewards: (B,) (diagnostics only).  With
   ``config.chunk_loss`` = n the M time steps are evaluated n at a time, the gradient accumulated chunk by chunk
-  (``_chunked_loss``).
+  (``_chunked_loss``, ``chunked.separable_loss_in_chunks``).
   v_base_sel: optional (M, B, ...) base velocities v_base(X_k, tau_k) already computed (by the adjoint's
   VJPs, ``AMBatch.base_velocity``); None evaluates the base network here.
   """
@@ -356,12 +357,10 @@ def _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_s
   time steps (n B rows) per ``lax.scan`` iteration and the gradient in ``ft_params`` accumulated chunk by chunk.
 
   The loss is a mean of per-term losses, each clipped on its own, so d loss / d term = [term < threshold] / (M B)
-  is known as soon as a chunk's terms are: each scan iteration takes the VJP of its chunk with that cotangent and
-  adds it to the running gradient.  The backward pass of the loss is then the stored sum times the incoming
-  cotangent (``jax.custom_vjp``): no chunk's activations outlive its iteration and nothing is recomputed (a
-  ``jax.checkpoint`` per chunk would evaluate every chunk's forward twice).  Only ``ft_params`` get a gradient;
-  the diagnostics (terms, |u|^2, |target|^2) carry none.  ``difference``: ft - base without the base
-  (``parameterisation.residual_difference``), used when given (with ``v_base_sel``).
+  is known as soon as a chunk's terms are (``chunked.separable_loss_in_chunks``: each chunk's VJP inside its
+  iteration, no recomputation).  Only ``ft_params`` get a gradient; the diagnostics (terms, |u|^2, |target|^2)
+  carry none.  ``difference``: ft - base without the base (``parameterisation.residual_difference``), used when
+  given (with ``v_base_sel``).
   """
   m, b = idx.shape[0], x_sel.shape[1]
   s, rows = steps_per_chunk, m * b
@@ -371,7 +370,9 @@ def _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_s
   data = tuple(chunks(z) for z in (x_sel, a_sel, coeffs.tau[idx], coeffs.loss_sigma[idx],
                                    1.0 + coeffs.loss_drift_scale[idx], v_base_sel))
 
-  def chunk_terms(params, base_p, cond, x, a, tau, sig, one_plus_c, v_base):
+  def chunk_terms(params, consts, chunk):
+    base_p, cond = consts
+    x, a, tau, sig, one_plus_c, v_base = chunk
     flat_rows = lambda z: z.reshape((s * b,) + z.shape[2:])  # noqa: E731  (n, B, ...) -> (n B, ...)
     x, a = flat_rows(x), flat_rows(a)
     v_base = None if v_base is None else flat_rows(v_base)
@@ -386,40 +387,12 @@ def _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_s
   def clipped_mean(terms):
     return jnp.mean(terms if clip_threshold is None else jnp.minimum(terms, clip_threshold))
 
-  def flatten(outs):
-    return tuple(o.reshape(rows) for o in outs)
+  def term_weight(terms):
+    return (jnp.ones_like(terms) if clip_threshold is None else (terms < clip_threshold).astype(terms.dtype)) / rows
 
-  def forward(params, base_p, cond, data):  # the terms only (no gradient wanted)
-    def body(carry, chunk):
-      terms, (u_sq, target_sq) = chunk_terms(params, base_p, cond, *chunk)
-      return carry, (terms, u_sq, target_sq)
-    return flatten(jax.lax.scan(body, None, data)[1])
-
-  def accumulate(params, base_p, cond, data):  # the terms and the gradient of clipped_mean in params
-    def body(grad_sum, chunk):
-      terms, vjp_fn, (u_sq, target_sq) = jax.vjp(lambda p: chunk_terms(p, base_p, cond, *chunk), params,
-                                                 has_aux=True)
-      weight = jnp.ones_like(terms) if clip_threshold is None else (terms < clip_threshold).astype(terms.dtype)
-      (grad,) = vjp_fn(weight / rows)
-      return jax.tree.map(jnp.add, grad_sum, grad), (terms, u_sq, target_sq)
-    grad_sum, outs = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), data)
-    return flatten(outs), grad_sum
-
-  @jax.custom_vjp
-  def loss_and_terms(params, base_p, cond, data):
-    outs = forward(params, base_p, cond, data)
-    return (clipped_mean(outs[0]),) + outs
-
-  def fwd(params, base_p, cond, data):
-    outs, grad_sum = accumulate(params, base_p, cond, data)
-    return (clipped_mean(outs[0]),) + outs, grad_sum
-
-  def bwd(res, cotangents):
-    grad_sum = res
-    return jax.tree.map(lambda g: cotangents[0] * g, grad_sum), None, None, None  # None: zero cotangent
-
-  loss_and_terms.defvjp(fwd, bwd)
-  return loss_and_terms(ft_params, base_params, cond, data)
+  loss, terms, (u_sq, target_sq) = chunked.separable_loss_in_chunks(chunk_terms, ft_params, data, clipped_mean,
+                                                                    term_weight, consts=(base_params, cond))
+  return loss, terms, u_sq.reshape(rows), target_sq.reshape(rows)
 
 
 def make_am_selection(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, base_params, reward_fn: Callable,

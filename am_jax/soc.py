@@ -48,6 +48,7 @@ import numpy as np
 import scipy.linalg
 
 from am_jax import adjoint as adjoint_lib
+from am_jax import chunked
 from am_jax import sampling
 
 __all__ = [
@@ -327,7 +328,7 @@ def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, state
   return control_apply(params, states.reshape(k * b, d), t).reshape(k, b, d)
 
 
-def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint):
+def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint, chunk_steps: int = 0):
   """Adjoint Matching regression for SOC:  L = E sum_{k<K} h |u(X_k, t_k) + sigma_k^T a_{k+1}|^2.
 
   Args:
@@ -336,6 +337,10 @@ def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint)
     problem: the SOCProblem.
     traj: (K+1, B, d) trajectories of the current control (stop-gradient).
     adjoint: (K+1, B, d) lean adjoint (``lean_adjoint``); X_k is paired with a_{k+1} (module doc).
+    chunk_steps: n > 0 evaluates the control at most n time steps (the largest divisor of K not above n) times B
+      rows at a time, the gradient accumulated chunk by chunk (``chunked.separable_loss_in_chunks``): the same loss
+      and gradient to float rounding, faster on a CPU once the K B rows' activations outgrow its cache
+      (docs/soc.md).  0: one call at all K B rows.
 
   Returns:
     (loss, aux) with aux = {'control_norm': E int |u|^2, 'target_norm': E int |sigma^T a|^2}.
@@ -345,6 +350,8 @@ def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint)
   chex.assert_axis_dimension(traj, 0, problem.num_steps + 1)
   h = problem.dt
   target = -_sigma_t_on_grid(problem, adjoint[1:])
+  if chunk_steps:
+    return _am_loss_in_chunks(control_apply, params, problem, traj[:-1], target, int(chunk_steps))
   u = _control_on_grid(control_apply, params, problem, traj[:-1])
   per_path = h * jnp.sum((u - target) ** 2, axis=(0, 2))
   aux = {"control_norm": h * jnp.mean(jnp.sum(u**2, axis=(0, 2))),
@@ -352,11 +359,36 @@ def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint)
   return jnp.mean(per_path), aux
 
 
-def am_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int, *, td_lambda: float = 1.0):
+def _am_loss_in_chunks(control_apply, params, problem: SOCProblem, states, target, n: int):
+  """``am_loss`` with the control evaluated n' time steps at a time, n' the largest divisor of K not above n
+  (states, target: (K, B, d))."""
+  k, b, d = states.shape
+  if n < 1:
+    raise ValueError(f"chunk_steps = {n}: must be >= 0 (0: one call).")
+  n = max(c for c in range(1, min(n, k) + 1) if k % c == 0)
+  h = problem.dt
+  data = (states.reshape(k // n, n, b, d), target.reshape(k // n, n, b, d), problem.times()[:k].reshape(k // n, n))
+
+  def chunk_terms(p, consts, chunk):
+    del consts
+    x, tgt, t = chunk
+    u = control_apply(p, x.reshape(n * b, d), jnp.repeat(t, b))
+    tgt = tgt.reshape(n * b, d)
+    return h * jnp.sum((u - tgt) ** 2, -1), (jnp.sum(u**2, -1), jnp.sum(tgt**2, -1))
+
+  # loss = mean over paths of the sum over k: every (k, b) term has weight 1 / B.
+  loss, _, (u_sq, target_sq) = chunked.separable_loss_in_chunks(
+      chunk_terms, params, data, lambda e: jnp.sum(e) / b, lambda e: jnp.full_like(e, 1.0 / b))
+  aux = {"control_norm": h * jnp.sum(u_sq) / b, "target_norm": h * jnp.sum(target_sq) / b}
+  return loss, aux
+
+
+def am_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int, *, td_lambda: float = 1.0,
+                 chunk_steps: int = 0):
   """Adjoint Matching (AM paper Alg. 1): sample (stop-gradient) trajectories, lean adjoint, regression ``am_loss``.
 
   td_lambda < 1 replaces the lean adjoint by ``bootstrapped_adjoint`` (same fixed point, lower variance);
-  td_lambda = 1 (default) is plain AM.
+  td_lambda = 1 (default) is plain AM.  chunk_steps: ``am_loss``'s (the loss n time steps at a time; 0: one call).
   """
   if not 0.0 <= td_lambda <= 1.0:
     raise ValueError(f"td_lambda = {td_lambda!r}: must be in [0, 1].")
@@ -364,7 +396,7 @@ def am_objective(control_apply: Callable, params, problem: SOCProblem, key, batc
   traj, us, cost = rollout(problem, control_apply, jax.lax.stop_gradient(params), x0, noise)
   traj = jax.lax.stop_gradient(traj)
   adj = lean_adjoint(problem, traj) if td_lambda == 1.0 else bootstrapped_adjoint(problem, traj, us, td_lambda)
-  loss, aux = am_loss(control_apply, params, problem, traj, adj)
+  loss, aux = am_loss(control_apply, params, problem, traj, adj, chunk_steps)
   return loss, dict(aux, loss=loss, objective=jnp.mean(jax.lax.stop_gradient(cost)))
 
 

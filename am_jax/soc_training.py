@@ -90,6 +90,10 @@ def validate_config(config) -> None:
       raise ValueError(f"config.{field} = {config[field]!r}: must be > 0.")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay = {config.ema_decay!r}: must be in [0, 1) (0: no parameter EMA).")
+  chunk = config.get("chunk_loss", 0)
+  if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 0:
+    raise ValueError(f"config.chunk_loss = {chunk!r}: must be an integer >= 0 (at most that many time steps per "
+                     "chunk of the AM loss; 0: one call).")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -198,11 +202,14 @@ def init_control(problem: soc.SOCProblem, hidden, seed: int, time_scale: float =
 
 
 def method_objective(method: str, config) -> Callable:
-  """``soc.METHODS[method]`` with the config's method options (``td_lambda`` for 'am')."""
+  """``soc.METHODS[method]`` with the config's method options (``td_lambda``, ``chunk_loss`` for 'am')."""
   objective = soc.get_method(method)
+  options = {}
   if method == "am" and config.td_lambda != 1.0:
-    return functools.partial(objective, td_lambda=float(config.td_lambda))
-  return objective
+    options["td_lambda"] = float(config.td_lambda)
+  if method == "am" and config.get("chunk_loss", 0):
+    options["chunk_steps"] = int(config.chunk_loss)
+  return functools.partial(objective, **options) if options else objective
 
 
 def control_from_config(problem: soc.SOCProblem, config, seed: Optional[int] = None):

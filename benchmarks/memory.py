@@ -9,9 +9,10 @@ For every (K, B) of the sweep and every mode it compiles the step of ``experimen
 (``jax.jit(f).lower(...).compile().memory_analysis()``): ``total_bytes`` = temporaries + arguments +
 outputs - donated (aliased) bytes.  Modes:
 
-* ``off``: default (the (K+1, B, ...) trajectory, adjoint and noise are stored; loss on M * B points);
+* ``off``: both options off, whatever the config sets (the (K+1, B, ...) trajectory, adjoint and noise are stored;
+  the loss in one call at M * B points);
 * ``remat``: ``AMConfig.remat_segments = S`` (the divisor of K closest to sqrt K);
-* ``chunk``: ``AMConfig.chunk_loss = True``;
+* ``chunk``: ``AMConfig.chunk_loss = True`` (one loss time step per chunk, the gradient accumulated per chunk);
 * ``remat+chunk``: both.
 
 Then it times the step of every mode at ``--time_k`` x ``--time_batch`` (interleaved rounds) to give the
@@ -51,7 +52,7 @@ def segments_for(k: int) -> int:
 
 
 def mode_overrides(mode: str, k: int) -> dict:
-  kw = {}
+  kw = {"remat_segments": 0, "chunk_loss": 0}  # 'off' is off whatever the config sets (the U-Net configs chunk)
   if "remat" in mode:
     kw["remat_segments"] = segments_for(k)
   if "chunk" in mode:

@@ -531,6 +531,8 @@ def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm
         continue
       runs = {}
       runs["am_jax"], compile_s = jax_runner(side)
+      if side.config.get("chunk_loss", 0):  # the same step with the loss in one call at all K B rows, beside it
+        runs["am_jax_one_call"] = jax_runner(build_jax(name, net, chunk_loss=0))[0]
       for label, n in settings.items():
         if n is not None:
           torch.set_num_threads(n)
@@ -560,6 +562,10 @@ def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm
         best = [min(times[r][key][i] for r in am_runs) for i in range(rounds)]
         row["speedup"].setdefault("best_torch_am", {})[label] = tr._summary(  # pylint: disable=protected-access
             [b / a for a, b in zip(times["am_jax"][key], best)])
+        if "am_jax_one_call" in times:
+          row.setdefault("one_call_speedup_best_torch_am", {})[label] = tr._summary(  # pylint: disable=protected-access
+              [b / a for a, b in zip(times["am_jax_one_call"][key], best)])
+      row["chunk_loss"] = int(side.config.get("chunk_loss", 0))
       out["rows"].append(row)
       print(_line(row), flush=True)
   return out
@@ -611,6 +617,16 @@ def timing_markdown(out) -> str:
     adj = [k for k in sp if k.startswith("torch_socm_adjoint")]
     cells += [f"{1e3 * c[adj[0]]:.1f}", _fmt(sp[adj[0]]["cpu"])] if adj else ["-", "-"]
     lines.append("| " + " | ".join(cells) + " |")
+  one_call = [row for row in out["rows"] if "one_call_speedup_best_torch_am" in row]
+  if one_call:
+    lines += ["", "am_jax's step above evaluates the AM loss in chunks of time steps (`config.chunk_loss`, "
+              "`soc.am_loss(chunk_steps=...)`); the same step with the loss in one call at all K B rows, in the same "
+              "rounds:", "", "| problem | net | chunk_loss | one call ms, CPU | speed-up of the chunked step over it, "
+              "wall | one call: speed-up vs faster torch AM, CPU | wall |", "|---|---|---|---|---|---|---|"]
+    for row in one_call:
+      sp, oc = row["speedup"]["am_jax_one_call"], row["one_call_speedup_best_torch_am"]
+      lines.append(f"| {row['problem']} | {row['net']} | {row['chunk_loss']} | {1e3 * row['cpu_s']['am_jax_one_call']:.1f} "
+                   f"| {_fmt(sp['wall'])} | {_fmt(oc['cpu'])} | {_fmt(oc['wall'])} |")
   for s in out.get("skipped", []):
     lines.append(f"\n{s['problem']} net={s['net']}: skipped ({s['why']}).")
   slow = [n for n in threads[1:] if n.endswith("t") and threads[0].endswith("t") and all(r["cpu_s"][f"torch_am_{n}"] > 3 * r["cpu_s"][f"torch_am_{threads[0]}"]

@@ -270,6 +270,41 @@ def test_losses_jit_and_grad():
   assert np.max(np.abs(grad_at(same))) > 1e-3
 
 
+def test_am_loss_in_chunks_matches_one_call():
+  """``am_loss(..., chunk_steps=n)``: the control at most n time steps at a time (the largest divisor of K not above
+  n) with the gradient accumulated per chunk gives the one-call loss, aux and gradient to float rounding; the
+  objective and the config field (``config.chunk_loss``) reach it."""
+  p = _toy_problem()  # K = 10
+  apply_fn, params = _net(p.dim, seed=1)
+  params = jax.tree.map(lambda a: a + 0.1, params)  # a non-zero control (the zero-initialised output gives u = 0)
+  traj = soc.simulate_controlled(p, apply_fn, params, jax.random.PRNGKey(0), 6)
+  adj = soc.lean_adjoint(p, traj)
+
+  def value_and_grad(n):
+    return jax.jit(jax.value_and_grad(lambda q: soc.am_loss(apply_fn, q, p, traj, adj, n), has_aux=True))(params)
+
+  (l0, aux0), g0 = value_and_grad(0)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
+  assert scale > 1e-3 and float(aux0["control_norm"]) > 1e-3
+  for n in (1, 2, 3, 5, 10, 64):  # 3 -> chunks of 2, 64 -> one chunk of all 10
+    (l1, aux1), g1 = value_and_grad(n)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, err_msg=str(n))
+    for k in aux0:
+      np.testing.assert_allclose(float(aux1[k]), float(aux0[k]), rtol=1e-5, err_msg=f"{k} {n}")
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    assert diff < 1e-5 * scale, n
+  with pytest.raises(ValueError, match="chunk_steps = -1"):
+    soc.am_loss(apply_fn, params, p, traj, adj, -1)
+  cfg = _load_config("linear_ou")
+  objective = soc_training.method_objective("am", cfg)
+  assert cfg.chunk_loss == 10 and objective.keywords == {"chunk_steps": 10}
+  cfg.chunk_loss = 0
+  assert soc_training.method_objective("am", cfg) is soc.am_objective
+  key = jax.random.PRNGKey(2)
+  one, chunked = (jax.jit(lambda q, f=f: f(apply_fn, q, p, key, 8)[0]) for f in (soc.am_objective, objective))
+  np.testing.assert_allclose(float(chunked(params)), float(one(params)), rtol=1e-5)
+
+
 def test_discrete_and_continuous_adjoint_gradients_agree_to_o_h():
   """Same noise: the continuous-adjoint gradient is the discrete one up to O(h) (halving h halves the gap)."""
   flat = lambda g: jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(g)])  # noqa: E731
@@ -418,7 +453,8 @@ def test_config_variants():
                               ("problem", "quadratic", "config.problem"),
                               ("control_net", "unet", "config.control_net"),
                               ("time_feature", "log", "config.time_feature"),
-                              ("td_lambda", 1.1, "config.td_lambda"), ("num_seeds", 0, "config.num_seeds")]:
+                              ("td_lambda", 1.1, "config.td_lambda"), ("num_seeds", 0, "config.num_seeds"),
+                              ("chunk_loss", -1, "config.chunk_loss")]:
     bad = copy.deepcopy(cfg)
     bad.unlock()
     bad[field] = value
