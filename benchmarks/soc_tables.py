@@ -75,10 +75,13 @@ def load_config(problem: str):
   return soc_config.get_config(problem)
 
 
-def problem_config(problem: str, entry_overrides: dict, budget: str, seeds: int):
+def problem_config(problem: str, entry_overrides: dict, budget: str, seeds: int, chunk_loss: int = -1):
+  """``chunk_loss`` >= 0 replaces the config's (0: AM's loss in one call, as in the tables made before 2026-11-27)."""
   cfg = load_config(problem)
   cfg.unlock()
   cfg.update(entry_overrides)
+  if chunk_loss >= 0:
+    cfg.chunk_loss = int(chunk_loss)
   b = dict(BUDGETS[budget][problem])
   if b.get("num_iterations") is None:
     b.pop("num_iterations", None)
@@ -149,14 +152,14 @@ def write_csv(path, rows, fields):
     writer.writerows(rows)
 
 
-def run_problem(problem: str, budget: str, seeds: int, out: str, meta: dict, log=print) -> dict:
+def run_problem(problem: str, budget: str, seeds: int, out: str, meta: dict, log=print, chunk_loss: int = -1) -> dict:
   """Trains every entry of ``ENTRIES[problem]``; writes the problem's CSVs, markdown and plot; returns the
   final aggregated row per label."""
   from experiments import soc as soc_launcher  # the plot of the launcher (matplotlib only when called)
 
   records_by_label, rows = {}, []
   for label, overrides in ENTRIES[problem]:
-    cfg = problem_config(problem, overrides, budget, seeds)
+    cfg = problem_config(problem, overrides, budget, seeds, chunk_loss)
     meta["iterations"][problem] = cfg.num_iterations
     t0 = time.perf_counter()
     _, records = soc_training.run(cfg)
@@ -204,6 +207,9 @@ def main(argv=None):
   parser.add_argument("--budget", default="cpu30", choices=sorted(BUDGETS))
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--problems", default=",".join(soc.PROBLEMS))
+  parser.add_argument("--chunk_loss", type=int, default=-1,
+                      help="AM's loss time steps per chunk (configs/soc.py chunk_loss); -1: the config's; 0: one call "
+                           "(reproduces the tables made before 2026-11-27)")
   args = parser.parse_args(argv)
   problems = [p for p in args.problems.split(",") if p]
   for p in problems:
@@ -220,7 +226,7 @@ def main(argv=None):
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "load_start": os.getloadavg(), "iterations": {}}
     t0 = time.perf_counter()
-    finals[p] = run_problem(p, args.budget, args.seeds, args.out, meta)
+    finals[p] = run_problem(p, args.budget, args.seeds, args.out, meta, chunk_loss=args.chunk_loss)
     meta.update(seconds=time.perf_counter() - t0, load_end=os.getloadavg())
     with open(os.path.join(args.out, f"{p}_meta.json"), "w") as f:
       json.dump(meta, f, indent=1)

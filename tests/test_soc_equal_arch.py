@@ -132,6 +132,9 @@ def test_soc_table_writer(tmp_path):
   (tmp_path / "linear_ou_meta.json").write_text('{"budget": "tiny", "machine": "m", "date": "d"}')
   summary = soc_tables.summary_markdown(str(tmp_path))
   assert summary.count("| linear_ou (20, 3) |") == 2 and "| slow |" in summary and "quadratic" not in summary
+  # --chunk_loss: -1 keeps configs/soc.py's chunks of AM's loss, 0 reruns the tables made before them (one call).
+  assert soc_tables.problem_config("linear_ou", {}, "tiny", 3).chunk_loss == 10
+  assert soc_tables.problem_config("linear_ou", {}, "tiny", 3, chunk_loss=0).chunk_loss == 0
 
 
 @pytest.mark.slow
