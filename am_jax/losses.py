@@ -83,10 +83,11 @@ class AMConfig:
   # chunk_loss: evaluate the loss in chunks of n selected time steps (n = int(chunk_loss): True is 1; n must
   # divide the M loss steps), a lax.scan over the M / n chunks that takes each chunk's VJP at once and
   # accumulates the gradient in the fine-tuned params (``chunked.separable_loss_in_chunks``): the activations of
-  # n * B rows live at a time instead of M * B, with no recomputation.  Same value and gradient to float rounding; only ft_params
-  # are differentiated.  On a CPU it is also faster once the M * B rows' activations outgrow the cache
-  # (docs/performance.md section 12.14: 1.1-1.6x faster steps on 2 CPU cores); False / 0: one call at all M * B
-  # points (on a multi-device mesh XLA may all-reduce each chunk's gradient: M / n reductions a step, not one).
+  # n * B rows live at a time instead of M * B, with no recomputation.  Same value and gradient to float
+  # rounding; only ft_params are differentiated.  On a CPU it is also faster once the M * B rows' activations
+  # outgrow the cache (docs/performance.md section 12.14: 1.1-1.6x faster steps on 2 CPU cores); False / 0: one
+  # call at all M * B points (on a multi-device mesh XLA may all-reduce each chunk's gradient: M / n reductions a
+  # step, not one).
   chunk_loss: Union[bool, int] = False
   # reuse_base_velocity: keep the base velocities v_base(X_k, tau_k) that the adjoint's VJPs evaluate anyway
   # (``AMBatch.base_velocity``) and use them in the loss instead of a second base forward at the M * B loss

@@ -625,8 +625,9 @@ def timing_markdown(out) -> str:
               "wall | one call: speed-up vs faster torch AM, CPU | wall |", "|---|---|---|---|---|---|---|"]
     for row in one_call:
       sp, oc = row["speedup"]["am_jax_one_call"], row["one_call_speedup_best_torch_am"]
-      lines.append(f"| {row['problem']} | {row['net']} | {row['chunk_loss']} | {1e3 * row['cpu_s']['am_jax_one_call']:.1f} "
-                   f"| {_fmt(sp['wall'])} | {_fmt(oc['cpu'])} | {_fmt(oc['wall'])} |")
+      lines.append(f"| {row['problem']} | {row['net']} | {row['chunk_loss']} | "
+                   f"{1e3 * row['cpu_s']['am_jax_one_call']:.1f} | {_fmt(sp['wall'])} | {_fmt(oc['cpu'])} | "
+                   f"{_fmt(oc['wall'])} |")
   for s in out.get("skipped", []):
     lines.append(f"\n{s['problem']} net={s['net']}: skipped ({s['why']}).")
   slow = [n for n in threads[1:] if n.endswith("t") and threads[0].endswith("t") and all(r["cpu_s"][f"torch_am_{n}"] > 3 * r["cpu_s"][f"torch_am_{threads[0]}"]
