@@ -37,9 +37,9 @@ __version__ = "0.1.0"
 
 # Public submodules (imported on first attribute access).
 _SUBMODULES = (
-    "adjoint", "builders", "checkpointing", "classifiers", "data", "dynamics", "gmm", "jobs", "launch", "lora",
-    "losses", "methods", "metrics", "models", "monitor", "multistep", "parameterisation", "problem", "reporting",
-    "rewards", "sampling", "schedules", "sharding", "soc", "time_hints", "training",
+    "adjoint", "builders", "checkpointing", "chunked", "classifiers", "data", "dynamics", "gmm", "jobs", "launch",
+    "lora", "losses", "methods", "metrics", "models", "monitor", "multistep", "parameterisation", "problem",
+    "reporting", "rewards", "sampling", "schedules", "sharding", "soc", "time_hints", "training",
 )
 
 # Top-level names -> the submodule that defines them.
@@ -82,13 +82,13 @@ __all__ = [
     # training runs
     "TrainState", "make_finetune_step", "make_pretrain_step", "Checkpointer", "make_mesh", "MetricsWriter",
     # submodules
-    "adjoint", "builders", "checkpointing", "classifiers", "data", "dynamics", "gmm", "jobs", "launch", "lora",
-    "losses", "metrics", "models", "monitor", "multistep", "parameterisation", "problem", "reporting", "rewards",
-    "sampling", "schedules", "sharding", "soc", "time_hints", "training",
+    "adjoint", "builders", "checkpointing", "chunked", "classifiers", "data", "dynamics", "gmm", "jobs", "launch",
+    "lora", "losses", "metrics", "models", "monitor", "multistep", "parameterisation", "problem", "reporting",
+    "rewards", "sampling", "schedules", "sharding", "soc", "time_hints", "training",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
-  from am_jax import (adjoint, builders, checkpointing, classifiers, data, dynamics, gmm, jobs, launch, lora,
+  from am_jax import (adjoint, builders, checkpointing, chunked, classifiers, data, dynamics, gmm, jobs, launch, lora,
                       losses, methods, metrics, models, monitor, multistep, parameterisation, problem, reporting,
                       rewards, sampling, schedules, sharding, soc, time_hints, training)
   from am_jax.adjoint import lean_adjoint
