@@ -33,7 +33,7 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
   Args:
     term_fn: ``term_fn(params, consts, chunk) -> (terms (R,), extras)``: the per-row terms of one chunk (``chunk``:
       ``data`` without its leading axis) and any per-row diagnostics (a pytree, no gradient).
-    params: what is differentiated.
+    params: what is differentiated (its floating-point leaves; integer leaves are constants).
     data: pytree of arrays with a leading chunk axis C (no gradient).
     loss_of_terms: ``loss_of_terms(terms (C R,)) -> scalar`` = sum_i g(terms_i), the loss's value.
     term_weight: ``term_weight(terms (R,)) -> (R,)`` = g'(terms_i), its derivative term by term (must match).
@@ -44,31 +44,41 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
     at all C R rows to float rounding; the gradient flows to ``params`` alone.
   """
 
-  def forward(params, consts, data):  # the value only: no VJP when no gradient is asked for
+  # Only the floating-point leaves of params are differentiated; the others (step counters, integer buffers) are
+  # constants here, as they are to jax.grad(..., allow_int=True).
+  leaves, treedef = jax.tree.flatten(params)
+  is_float = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+  fixed = [leaf for leaf, f in zip(leaves, is_float) if not f]
+
+  def merged(float_leaves):
+    it_float, it_fixed = iter(float_leaves), iter(fixed)
+    return jax.tree.unflatten(treedef, [next(it_float) if f else next(it_fixed) for f in is_float])
+
+  def forward(float_leaves, consts, data):  # the value only: no VJP when no gradient is asked for
     def body(carry, chunk):
-      return carry, term_fn(params, consts, chunk)
+      return carry, term_fn(merged(float_leaves), consts, chunk)
     terms, extras = jax.lax.scan(body, None, data)[1]
     return terms.reshape(-1), extras
 
-  def accumulate(params, consts, data):
+  def accumulate(float_leaves, consts, data):
     def body(grad_sum, chunk):
-      terms, vjp_fn, extras = jax.vjp(lambda p: term_fn(p, consts, chunk), params, has_aux=True)
+      terms, vjp_fn, extras = jax.vjp(lambda fl: term_fn(merged(fl), consts, chunk), float_leaves, has_aux=True)
       (grad,) = vjp_fn(term_weight(terms).astype(terms.dtype))
       return jax.tree.map(jnp.add, grad_sum, grad), (terms, extras)
-    grad_sum, (terms, extras) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), data)
+    grad_sum, (terms, extras) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, float_leaves), data)
     return (terms.reshape(-1), extras), grad_sum
 
   @jax.custom_vjp
-  def loss_terms_extras(params, consts, data):
-    terms, extras = forward(params, consts, data)
+  def loss_terms_extras(float_leaves, consts, data):
+    terms, extras = forward(float_leaves, consts, data)
     return loss_of_terms(terms), terms, extras
 
-  def fwd(params, consts, data):
-    (terms, extras), grad_sum = accumulate(params, consts, data)
+  def fwd(float_leaves, consts, data):
+    (terms, extras), grad_sum = accumulate(float_leaves, consts, data)
     return (loss_of_terms(terms), terms, extras), grad_sum
 
   def bwd(grad_sum, cotangents):  # only the loss's cotangent reaches params; terms and extras carry none
     return jax.tree.map(lambda g: (cotangents[0] * g).astype(g.dtype), grad_sum), None, None
 
   loss_terms_extras.defvjp(fwd, bwd)
-  return loss_terms_extras(params, consts, data)
+  return loss_terms_extras([leaf for leaf, f in zip(leaves, is_float) if f], consts, data)
