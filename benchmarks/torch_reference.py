@@ -458,7 +458,8 @@ def torch_settings(threads, device="cpu") -> dict:
 # Timing
 
 
-def interleaved(runs: dict, rounds: int = 5, iters: int = 2, warm: int = 1, settle: int = 1) -> dict:
+def interleaved(runs: dict, rounds: int = 5, iters: int = 2, warm: int = 1, settle: int = 1,
+                pause_s: float = 0.3, settle_s: float = 0.15) -> dict:
   """``common.interleaved`` that also records process CPU seconds (all threads) per call.
 
   Wall time is what a user waits; CPU time is the work done, robust to other jobs on the cores (a process
@@ -467,12 +468,21 @@ def interleaved(runs: dict, rounds: int = 5, iters: int = 2, warm: int = 1, sett
   at the start of each later round: the first call after the other framework ran is slower than a training loop's
   steady state (measured on the toy step, idle: am_jax's round median 14.9-15.6 ms with 2 timed calls and no settle
   call vs 12.0 ms with 5; torch's changed by < 2%), so every function is timed in its steady state.
+  ``pause_s``: a sleep before each function's calls, so that the previous function's idle worker threads (torch's
+  OpenMP threads spin-wait after a parallel region) have gone to sleep and do not take the cores from the next one
+  (measured 2026-11-27: am_jax's chunked 3x256 MLP step, right after torch with 2 threads, 64.8 ms without a pause,
+  41.4 ms with torch's threads passive; the one-call step, timed after am_jax's own, was unaffected); then untimed
+  calls for at least ``settle_s`` seconds (and ``settle`` calls), because the first calls after the pause are slow
+  (threads and caches cold: the toy's 7 ms step measured 9.9 ms with the pause and one settle call).
   """
   per = {name: {"wall": [], "cpu": []} for name in runs}
   for r in range(rounds):
     for name, run in runs.items():
-      for _ in range(warm if r == 0 else settle):
+      time.sleep(pause_s)
+      t0, n = time.perf_counter(), 0
+      while n < (warm if r == 0 else settle) or time.perf_counter() - t0 < settle_s:
         jax.block_until_ready(run())
+        n += 1
       wall, cpu = [], []
       for _ in range(iters):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -483,7 +493,8 @@ def interleaved(runs: dict, rounds: int = 5, iters: int = 2, warm: int = 1, sett
       per[name]["cpu"].append(statistics.median(cpu))
   return {name: {"median_s": statistics.median(v["wall"]), "round_medians_s": v["wall"],
                  "cpu_median_s": statistics.median(v["cpu"]), "cpu_round_medians_s": v["cpu"], "rounds": rounds,
-                 "iters": iters, "settle": settle} for name, v in per.items()}
+                 "iters": iters, "settle": settle, "pause_s": pause_s, "settle_s": settle_s}
+          for name, v in per.items()}
 
 
 def _ratios(times, num, den, key="round_medians_s"):

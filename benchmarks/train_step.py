@@ -17,7 +17,8 @@ donation) on a freshly initialised base, and reports (printed and written as JSO
   embedding (``common.per_row_time``: the code before its shared-time path), in the same interleaved rounds, and
   ``floor_per_row_over_step`` = today's floor / the new step (issue 17's ">= 1.2x below the floor");
 * ``scan/step_unchunked`` (when the config sets ``am.chunk_loss``): the step with the loss in one call at all M B
-  points, and ``unchunked_over_step``;
+  points, and ``unchunked_over_step``; ``--other_chunk_sizes=1,2,4``: the step with each of those chunk sizes
+  (``chunk_sizes``: step time and floor / step), to pick ``am.chunk_loss`` for a model and machine;
 * ``scan/step_base_in_loss``: the step evaluating ft - v_base at the loss points instead of the residual network
   alone (``common.base_in_loss``; the same program for full / LoRA models), and ``base_in_loss_over_step``.
 """
@@ -45,11 +46,14 @@ flags.DEFINE_string("network_dtype", "", "Override AMConfig.network_dtype ('floa
 flags.DEFINE_integer("remat_segments", -1, "Override AMConfig.remat_segments (-1: config value).")
 flags.DEFINE_integer("chunk_loss", None, "Override AMConfig.chunk_loss (loss time steps per chunk; "
                      "0: one call at all M B loss points).")
+flags.DEFINE_list("other_chunk_sizes", [], "Also time the scan step with AMConfig.chunk_loss = each of these (loss "
+                  "time steps per chunk; 0: one call), in the same rounds.")
 flags.DEFINE_bool("fast_conv_vjp", True, "U-Net convolutions with models.conv_general_dilated_fast_vjp "
                   "(False: JAX's own VJPs, the 'before' of docs/performance.md section 12.2).")
 
 
-def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pieces=True, overrides=None) -> dict:
+def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pieces=True, overrides=None,
+        other_chunk_sizes=()) -> dict:
   """Builds, compiles and times everything; returns the JSON-able results."""
   overrides = dict(overrides or {})
   problem = common.build_problem(cfg, **overrides)
@@ -94,6 +98,11 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       state, base_params = common.init_state(problem, mesh)
       runs["scan/step_unchunked"], compile_s["scan/step_unchunked"], _ = common.step_runner(
           common.make_step(problem, mesh, dataclasses.replace(config, chunk_loss=0)), state, base_params)
+    for n in other_chunk_sizes if solver == "scan" else ():
+      # The step with the loss in chunks of n time steps, in the same rounds (which n suits this model and CPU).
+      state, base_params = common.init_state(problem, mesh)
+      runs[f"scan/step_chunk{n}"], compile_s[f"scan/step_chunk{n}"], _ = common.step_runner(
+          common.make_step(problem, mesh, dataclasses.replace(config, chunk_loss=int(n))), state, base_params)
     if solver == "scan":
       state, base_params = common.init_state(problem, mesh)
       with common.per_row_time():
@@ -133,6 +142,10 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
       res["step_unchunked_s"] = med["scan/step_unchunked"]
       res["unchunked_over_step"] = med["scan/step_unchunked"] / step_s
       res["floor_over_unchunked"] = med["floor"] / med["scan/step_unchunked"]
+    if solver == "scan" and other_chunk_sizes:
+      res["chunk_sizes"] = {int(n): {"step_s": med[f"scan/step_chunk{n}"],
+                                     "floor_over_step": med["floor"] / med[f"scan/step_chunk{n}"]}
+                            for n in other_chunk_sizes}
     if solver == "scan":
       res["step_per_row_s"] = med["scan/step_per_row"]
       res["floor_per_row_s"] = med["floor_per_row"]
@@ -153,9 +166,12 @@ def run(cfg, solvers=("scan", "diffrax"), rounds=5, iters=10, num_devices=1, pie
             f"step (per-row time) {1e3 * res['step_per_row_s']:.2f} ms; floor_per_row/step "
             f"{res['floor_per_row_over_step']:.3f}", flush=True)
     if "unchunked_over_step" in res:
-      print(f"{'':8s} loss in chunks of {int(problem.am_config.chunk_loss)} time step(s): the step with the loss in one call "
-            f"{1e3 * res['step_unchunked_s']:.2f} ms, unchunked/step {res['unchunked_over_step']:.3f}, "
+      print(f"{'':8s} loss in chunks of {int(problem.am_config.chunk_loss)} time step(s): the step with the loss in "
+            f"one call {1e3 * res['step_unchunked_s']:.2f} ms, unchunked/step {res['unchunked_over_step']:.3f}, "
             f"floor/unchunked {res['floor_over_unchunked']:.3f}", flush=True)
+    for n, r in res.get("chunk_sizes", {}).items():
+      print(f"{'':8s} loss in chunks of {n} time step(s): {1e3 * r['step_s']:.2f} ms, floor/step "
+            f"{r['floor_over_step']:.3f}", flush=True)
     if "floor_over_step" in res:
       print(f"{'':8s} base evaluations reused: floor/step {res['floor_over_step']:.3f}, "
             f"recompute/step {res['recompute_over_step']:.3f} (recompute {1e3 * res['step_recompute_s']:.2f} ms)",
@@ -174,7 +190,8 @@ def main(argv):
     overrides["chunk_loss"] = FLAGS.chunk_loss
   if not FLAGS.fast_conv_vjp:
     overrides["fast_conv_vjp"] = False
-  out = run(FLAGS.config, FLAGS.solvers, FLAGS.rounds, FLAGS.iters, FLAGS.num_devices, FLAGS.pieces, overrides)
+  out = run(FLAGS.config, FLAGS.solvers, FLAGS.rounds, FLAGS.iters, FLAGS.num_devices, FLAGS.pieces, overrides,
+            tuple(int(n) for n in FLAGS.other_chunk_sizes))
   common.write_json(FLAGS.out, out)
 
 
