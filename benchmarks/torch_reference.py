@@ -812,7 +812,7 @@ def run_network(rows: int = 5120, dim: int = 16, hidden=(256, 256, 256), threads
   flops["forward_backward"] = 3 * flops["forward"]
   out = {"machine": common.machine_info(), "torch": torch.__version__, "rows": rows, "dim": dim,
          "hidden": list(hidden), "threads": [int(n) for n in threads], "rounds": rounds, "iters": iters,
-         "load_average": _load_average(), "cpu_model": _cpu_model(), "rows_out": []}
+         "load_average": _load_average(), "cpu_model": common.cpu_model(), "rows_out": []}
   for piece, (jfn, tfn) in pieces.items():
     runs = {"am_jax": jfn, **{f"torch_{n}t": at(int(n), tfn) for n in threads}}
     times = interleaved(runs, rounds, iters)
@@ -844,17 +844,6 @@ def network_markdown(out) -> str:
     lines.append(f"| {row['piece']} | {cell('am_jax')} | " + " | ".join(
         f"{cell(f'torch_{n}t')} | {r(n)['median']:.3f} ({r(n)['min']:.3f}-{r(n)['max']:.3f})" for n in th) + " |")
   return "\n".join(lines) + "\n"
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "?"
 
 
 def _load_average():
