@@ -679,6 +679,44 @@ def jax_floor_runner(side: JaxSide, part: str = "all"):
   return (lambda: floor(side.params)), time.perf_counter() - t0
 
 
+def forward_flops(side: JaxSide) -> float:
+  """XLA's FLOP count (``cost_analysis``) of one control forward at the K B loss points: one network "unit"."""
+  problem, b = side.problem, side.batch
+  xs = jnp.zeros((problem.num_steps * b, problem.dim), jnp.float32)
+  tl = jnp.zeros((problem.num_steps * b,), jnp.float32)
+  cost = jax.jit(side.apply_fn).lower(side.params, xs, tl).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def dot_peak_flops(n: int = 2048, reps: int = 7) -> float:
+  """FLOP/s of XLA's n x n float32 matmul on all the cores it uses (best of ``reps`` timed calls): the rate no
+  network evaluation beats on this machine."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda m: m @ m)
+  jax.block_until_ready(f(a))
+  best = math.inf
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n**3 / best
+
+
+def step_lower_bound(rollout_wall_s: float, unit_flops: float, peak_flops: float) -> dict:
+  """Lower bounds on the wall time of an AM step whose rollout is as measured (``rollout_wall_s``).
+
+  The rollout is sequential (X_{k+1} needs u(X_k)) and its K forwards at batch B run on one core (measured: CPU time
+  = wall time; B = 64-128 rows are too few to split a dot across cores profitably), so it is taken as measured.
+  The loss gradient needs at least the backward of the network at the K B loss points, 2 units of
+  ``unit_flops`` (input and weight cotangents) if its forward were reused from the rollout, 3 units with the
+  forward recomputed (what am_jax and torch do), each at no more than ``peak_flops`` (all cores).
+  """
+  return {"rollout_wall_s": rollout_wall_s, "unit_flops": unit_flops, "peak_flops": peak_flops,
+          "rollout_flops_per_s": unit_flops / rollout_wall_s,
+          "bound_reuse_s": rollout_wall_s + 2.0 * unit_flops / peak_flops,
+          "bound_recompute_s": rollout_wall_s + 3.0 * unit_flops / peak_flops}
+
+
 def torch_floor_runner(ref: TorchSOC, threads: Optional[int], part: str = "all"):
   """The same network work in torch eager (``jax_floor_runner``'s parts): no-grad forwards, one forward (+ backward);
   on ``ref.device`` (threads None: leave torch's CPU thread count)."""
@@ -744,6 +782,11 @@ def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",)
     row["torch_over_am_jax"] = {p: ratio("torch_floor" + ("" if p == "all" else "_" + p),
                                          "am_jax_floor" + ("" if p == "all" else "_" + p)) for p in parts}
     row["torch_over_am_jax"]["step"] = ratio("torch_am", "am_jax")
+    if "rollout" in parts:
+      rollout = times["am_jax_floor_rollout"]
+      row["bound"] = step_lower_bound(rollout["median_s"], forward_flops(side), out.setdefault("peak_flops",
+                                                                                                dot_peak_flops()))
+      row["bound"]["rollout_cpu_over_wall"] = rollout["cpu_median_s"] / rollout["median_s"]
     out["rows"].append(row)
     print(f"{name}: cpu ms " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in row["cpu_s"].items())
           + "; torch / am_jax " + ", ".join(f"{k} {_fmt(v)}" for k, v in row["torch_over_am_jax"].items()), flush=True)
@@ -758,7 +801,8 @@ def floor_markdown(out) -> str:
   lines = [
       f"## Where the time goes: each step against its network-work floor ({clock})", "",
       f"`python -m benchmarks.torch_soc_reference --rounds=0 --floor_rounds={out['rounds']} "
-      f"--floor_parts={','.join(out.get('parts', ['all']))}`; {m['date']}, "
+      f"--floor_parts={','.join(out.get('parts', ['all']))}"
+      f"{'' if out.get('threads') in (1, None) else ' --floor_threads=' + str(out['threads'])}`; {m['date']}, "
       f"{m['machine']}, am_jax on {out.get('jax_device', 'cpu')}, {torch_on}, torch {out['torch']}, "
       f"net={out['net']}.  Floor = the network work of "
       "one step with nothing around it: K forwards at batch B + one forward and backward at the K B loss points "
@@ -784,6 +828,25 @@ def floor_markdown(out) -> str:
       lines.append(f"| {row['problem']} | " + " | ".join(
           f"{1e3 * c['am_jax_floor_' + p]:.1f} / {1e3 * c['torch_floor_' + p]:.1f} ({_fmt(row['torch_over_am_jax'][p])})"
           for p in parts) + " |")
+  bounds = [row for row in out["rows"] if "bound" in row]
+  if bounds:
+    th = out["threads"]
+    lines += ["", f"Lower bound on am_jax's step (wall clock; `step_lower_bound`): the rollout as measured (sequential, one "
+              "core: CPU / wall below) + the loss gradient at XLA's peak matmul rate on all cores "
+              f"({out['peak_flops'] / 1e9:.0f} GFLOP/s, {2048}x{2048} float32 dot, in the same run): 2 network units "
+              "(backward only, the forward reused from the rollout) or 3 (forward recomputed, as both codes do).  "
+              "unit = one forward at the K B loss points, XLA's FLOP count.  The last columns: the highest "
+              f"am_jax / torch ({th} thread{'s' if th != 1 else ''}) speed-up any am_jax step could reach here.", "",
+              "| problem | unit GFLOP | rollout ms (GFLOP/s, CPU / wall) | bound, fwd reused ms | bound, fwd "
+              "recomputed ms | am_jax step ms | torch AM step ms | torch / bound (reused) | torch / bound "
+              "(recomputed) | torch / am_jax |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in bounds:
+      b, w = row["bound"], row["wall_s"]
+      lines.append(f"| {row['problem']} | {b['unit_flops'] / 1e9:.2f} | {1e3 * b['rollout_wall_s']:.1f} "
+                   f"({b['rollout_flops_per_s'] / 1e9:.0f}, {b['rollout_cpu_over_wall']:.2f}) | "
+                   f"{1e3 * b['bound_reuse_s']:.1f} | {1e3 * b['bound_recompute_s']:.1f} | {1e3 * w['am_jax']:.1f} | "
+                   f"{1e3 * w['torch_am']:.1f} | {w['torch_am'] / b['bound_reuse_s']:.2f} | "
+                   f"{w['torch_am'] / b['bound_recompute_s']:.2f} | {w['torch_am'] / w['am_jax']:.2f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -905,7 +968,7 @@ def main(argv):
     result["timing"] = run_timing([p for p in f.problems if p], [n for n in f.nets if n],
                                   tuple(int(n) for n in f.threads), f.rounds, f.iters, f.socm_adjoint, f.torch_device)
   if f.floor_rounds > 0:
-    result["floor"] = run_floor([p for p in f.problems if p], f.floor_rounds, f.iters,
+    result["floor"] = run_floor([p for p in f.problems if p], f.floor_rounds, f.iters, threads=f.floor_threads,
                                 parts=tuple(p for p in f.floor_parts if p), device=f.torch_device)
   if f.train_iterations > 0:
     result["training"] = run_training([p for p in f.train_problems if p], f.train_iterations, f.train_net,
@@ -931,6 +994,8 @@ def _define_flags():
   flags.DEFINE_integer("iters", 2, "Timed calls per function and round.")
   flags.DEFINE_integer("floor_rounds", 0, "Interleaved rounds of am_jax vs its network-work floor (0: none).")
   flags.DEFINE_list("floor_parts", ["all"], f"Floor parts to time, among {list(FLOOR_PARTS)}.")
+  flags.DEFINE_integer("floor_threads", 1, "torch.set_num_threads of the floor comparison (with 'rollout' among "
+                       "--floor_parts it also gives the lower bound on am_jax's step and torch / bound).")
   flags.DEFINE_integer("train_iterations", 0, "Train both frameworks for this many iterations (0: no training).")
   flags.DEFINE_list("train_problems", ["linear_ou", "quadratic_easy"], "Problems to train.")
   flags.DEFINE_string("train_net", "socm", "configs/soc.py net of the training comparison.")

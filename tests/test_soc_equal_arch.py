@@ -148,3 +148,19 @@ def test_soc_tables_tiny_budget(tmp_path):
     assert (tmp_path / name).stat().st_size > 0
   table = list(csv.DictReader((tmp_path / "linear_ou.csv").open()))
   assert len(table) == 3 * 3 and all(r["num_seeds"] == "3" for r in table)
+
+
+def test_step_lower_bound_of_the_torch_comparison():
+  """benchmarks/torch_soc_reference's bound: one network unit = XLA's FLOPs of a forward at the K B loss points
+  (2 per multiply-add of the kernels, plus biases and ReLUs); bound = rollout + 2 or 3 units at the peak rate
+  (the module imports torch only when a torch side is built)."""
+  from benchmarks import torch_soc_reference as tsr  # pylint: disable=g-import-not-at-top
+  side = tsr.build_jax("linear_ou", "socm", batch=8, num_steps=8, hidden=(16, 8), problem_kw=dict(dim=4))
+  kernels = sum(int(x.size) for path, x in jax.tree_util.tree_leaves_with_path(side.params)
+                if "kernel" in jax.tree_util.keystr(path))
+  macs = kernels * 8 * 8
+  flops = tsr.forward_flops(side)
+  assert 2 * macs <= flops <= 1.25 * 2 * macs, (flops, macs)
+  b = tsr.step_lower_bound(0.01, 2e9, 4e11)
+  assert b["bound_reuse_s"] == pytest.approx(0.01 + 0.01) and b["bound_recompute_s"] == pytest.approx(0.025)
+  assert b["rollout_flops_per_s"] == pytest.approx(2e11)
