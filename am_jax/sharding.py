@@ -76,7 +76,9 @@ def replicate_tree(tree, mesh: Mesh):
   sharding = replicated(mesh)
 
   def put(x):
-    x = jax.numpy.asarray(x)
+    # An explicit copy: device_put(..., may_alias=False) onto several devices still reuses the input's buffer for
+    # the shard on its own device (jax 0.10.2, measured), and donating the result then deleted the caller's array.
+    x = jax.numpy.array(x, copy=True)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding, may_alias=False)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

@@ -1,6 +1,7 @@
 """``am_jax.training``: the fine-tuning step (built from a Problem) compiles once, is the same on 1 and 8 devices,
 bounds its memory with the remat / chunked-loss options; the pre-training step learns, with labels and the
 classifier-free-guidance label drop; optimizer options are checked."""
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,28 +71,42 @@ def test_finetune_step_compiles_once_and_learns():
   assert training.eval_params(state, 0.9) is state.ema_params and training.eval_params(state, 0.0) is state.params
 
 
+def test_replicate_tree_copies_so_donation_keeps_the_callers_arrays():
+  """On 1 and 8 devices, donating replicate_tree's result leaves the input alive (on several devices device_put
+  with may_alias=False reused the input's buffer for its own device's shard, and a donated train step deleted it)."""
+  donate = jax.jit(lambda a: jax.tree.map(lambda v: v + 1.0, a), donate_argnums=0)
+  for n in (1, 8):
+    x = jnp.arange(32.0)
+    jax.block_until_ready(donate(sharding.replicate_tree({"w": x}, sharding.make_mesh(n))))
+    assert not x.is_deleted(), n
+    np.testing.assert_array_equal(np.asarray(x), np.arange(32.0))
+
+
 def test_sharded_step_matches_single_device():
   """8 forced CPU devices vs 1: same loss and parameters after 3 steps (tolerance 1e-5 relative: only the order of
-  the batch reductions differs; the noise is identical by construction).  A batch that does not divide over the
-  devices fails when the step is built, naming the field."""
+  the batch reductions differs; the noise is identical by construction); also with the loss in chunks of one time
+  step on the 8 devices (``chunk_loss``: the gradient accumulated chunk by chunk over a sharded batch).  A batch
+  that does not divide over the devices fails when the step is built, naming the field."""
   assert jax.device_count() == 8
   config = losses.AMConfig(num_steps=6, loss_clip=None)
   problem = _problem(config, hidden=(32, 32))
   opt = training.make_optimizer("adam", 1e-3, warmup_steps=2)
   out = {}
-  for n in (1, 8):
+  for n, chunk in ((1, 0), (8, 0), (8, 1)):
     mesh = sharding.make_mesh(n)
     state = sharding.replicate_tree(training.init_state(problem.init_params, opt, 0), mesh)
-    step = training.make_finetune_step(problem, methods.am(config), opt, 64, mesh, ema_decay=0.9)
+    method = methods.am(dataclasses.replace(config, chunk_loss=chunk))
+    step = training.make_finetune_step(problem, method, opt, 64, mesh, ema_decay=0.9)
     bp = sharding.replicate_tree(RING, mesh)
     history = []
     for _ in range(3):
       state, m = step(state, bp)
       history.append(float(m["loss"]))
-    out[n] = (history, _leaves(state.params), _leaves(state.ema_params))
-  np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)
-  for a, b in zip(out[1][1] + out[1][2], out[8][1] + out[8][2]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    out[n, chunk] = (history, _leaves(state.params), _leaves(state.ema_params))
+  for other in ((8, 0), (8, 1)):
+    np.testing.assert_allclose(out[1, 0][0], out[other][0], rtol=1e-5)
+    for a, b in zip(out[1, 0][1] + out[1, 0][2], out[other][1] + out[other][2]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="finetune.batch_size"):
     training.make_finetune_step(problem, methods.am(config), opt, 60, sharding.make_mesh(8))
 
