@@ -15,19 +15,28 @@ times the incoming cotangent.  No chunk's activations outlive its iteration and 
 Why: at M B rows in one call the network's activations outgrow a CPU's cache and every pass slows down
 (docs/performance.md section 12.14: 1.2-1.6x faster steps on 2 CPU cores for the U-Nets, the 3x256 MLP and the SOC
 control nets).  On a GPU one large call is usually the efficient shape.
+
+On a mesh whose devices each hold a slice of the batch, a chunk's gradient with respect to replicated parameters is
+a sum over all devices' rows, so XLA would all-reduce it in every iteration (C reductions of the whole gradient per
+step instead of one; measured in the compiled program).  Given the mesh and the batch axes of the data,
+``separable_loss_in_chunks`` instead differentiates G = (devices) copies of the parameters, copy g seeing only the
+rows of device g (``jax.vmap`` over the batch split into G groups), accumulates the G partial gradients, each on
+its own device, and sums them once after the loop.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+
+from am_jax import sharding as sharding_lib
 
 __all__ = ["separable_loss_in_chunks"]
 
 
 def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Callable, term_weight: Callable,
-                             consts=()):
+                             consts=(), *, mesh: Optional[jax.sharding.Mesh] = None, batch_axes=None):
   """(loss, terms, extras), differentiable in ``params`` only, one chunk of rows per ``lax.scan`` iteration.
 
   Args:
@@ -38,11 +47,21 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
     loss_of_terms: ``loss_of_terms(terms (C R,)) -> scalar`` = sum_i g(terms_i), the loss's value.
     term_weight: ``term_weight(terms (R,)) -> (R,)`` = g'(terms_i), its derivative term by term (must match).
     consts: pytree of arrays every chunk uses (frozen network parameters, conditioning; no gradient).
+    mesh: the ``('data',)`` mesh (``am_jax.sharding.make_mesh``) over which the batch is sharded, or None.  With G
+      > 1 devices the gradient is accumulated per device (module docstring); ``batch_axes`` is then required.
+    batch_axes: ``(consts_axes, chunk_axes)``, ``jax.vmap`` ``in_axes`` prefixes of ``consts`` and of one chunk
+      (``data`` without its leading axis) naming each leaf's batch axis (None: not batched).  term_fn must then work
+      on any number of paths (G groups of B / G each) and ``term_weight`` elementwise.
 
   Returns:
     (loss, terms (C R,), extras stacked with a leading C axis).  Value, terms and gradient are those of one call
-    at all C R rows to float rounding; the gradient flows to ``params`` alone.
+    at all C R rows to float rounding; the gradient flows to ``params`` alone.  With G > 1 the rows of each chunk
+    come device by device (terms and extras: (C, G, R / G) flattened), a permutation of one call's.
   """
+  groups = 1 if mesh is None else sharding_lib.num_devices(mesh)
+  if groups > 1 and batch_axes is None:
+    raise ValueError("separable_loss_in_chunks: a mesh of several devices needs batch_axes (the batch axis of "
+                     "each leaf of consts and of a chunk).")
 
   # Only the floating-point leaves of params are differentiated; the others (step counters, integer buffers) are
   # constants here, as they are to jax.grad(..., allow_int=True).
@@ -68,13 +87,29 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
     grad_sum, (terms, extras) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, float_leaves), data)
     return (terms.reshape(-1), extras), grad_sum
 
+  def accumulate_per_device(float_leaves, consts, data):
+    consts_axes, chunk_axes = batch_axes
+    on_devices = lambda tree: jax.tree.map(lambda z: sharding_lib.constrain_batch(z, mesh, 0), tree)  # noqa: E731
+    consts_g = _split_batch(consts, consts_axes, groups, 0)
+    data_g = _split_batch(data, chunk_axes, groups, 1)  # data has the chunk axis in front
+    per_group = jax.vmap(lambda fl, c, chunk: term_fn(merged(fl), c, chunk), in_axes=(0, consts_axes, chunk_axes))
+    # G copies of the parameters, copy g on device g: the gradient of copy g is device g's partial sum.
+    copies = on_devices([jnp.broadcast_to(leaf, (groups,) + leaf.shape) for leaf in float_leaves])
+
+    def body(grad_sum, chunk):
+      terms, vjp_fn, extras = jax.vjp(lambda c: per_group(c, consts_g, chunk), copies, has_aux=True)
+      (grad,) = vjp_fn(term_weight(terms).astype(terms.dtype))
+      return on_devices(jax.tree.map(jnp.add, grad_sum, grad)), (terms, extras)
+    grad_sum, (terms, extras) = jax.lax.scan(body, on_devices(jax.tree.map(jnp.zeros_like, copies)), data_g)
+    return (terms.reshape(-1), extras), [jnp.sum(g, axis=0) for g in grad_sum]  # the one all-reduce
+
   @jax.custom_vjp
   def loss_terms_extras(float_leaves, consts, data):
     terms, extras = forward(float_leaves, consts, data)
     return loss_of_terms(terms), terms, extras
 
   def fwd(float_leaves, consts, data):
-    (terms, extras), grad_sum = accumulate(float_leaves, consts, data)
+    (terms, extras), grad_sum = (accumulate if groups == 1 else accumulate_per_device)(float_leaves, consts, data)
     return (loss_of_terms(terms), terms, extras), grad_sum
 
   def bwd(grad_sum, cotangents):  # only the loss's cotangent reaches params; terms and extras carry none
@@ -82,3 +117,19 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
 
   loss_terms_extras.defvjp(fwd, bwd)
   return loss_terms_extras([leaf for leaf, f in zip(leaves, is_float) if f], consts, data)
+
+
+def _split_batch(tree, axes, groups: int, offset: int):
+  """Each leaf's batch axis (``axes``: a vmap in_axes prefix of ``tree``; + ``offset``) of size B split into
+  (groups, B / groups), the groups axis where the batch axis was."""
+  def split(axis, sub):
+    if axis is None:
+      return sub
+    def one(z):
+      a = axis + offset
+      if z.shape[a] % groups:
+        raise ValueError(f"separable_loss_in_chunks: a batch axis of size {z.shape[a]} does not split over the "
+                         f"{groups} devices of the mesh.")
+      return z.reshape(z.shape[:a] + (groups, z.shape[a] // groups) + z.shape[a + 1:])
+    return jax.tree.map(one, sub)
+  return jax.tree.map(split, axes, tree, is_leaf=lambda x: x is None)

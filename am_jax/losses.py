@@ -86,8 +86,8 @@ class AMConfig:
   # n * B rows live at a time instead of M * B, with no recomputation.  Same value and gradient to float
   # rounding; only ft_params are differentiated.  On a CPU it is also faster once the M * B rows' activations
   # outgrow the cache (docs/performance.md section 12.14: 1.1-1.6x faster steps on 2 CPU cores); False / 0: one
-  # call at all M * B points (on a multi-device mesh XLA may all-reduce each chunk's gradient: M / n reductions a
-  # step, not one).
+  # call at all M * B points.  On a multi-device mesh each device accumulates its own part of the gradient and
+  # the parts are summed once a step (given the objective's mesh), not once per chunk.
   chunk_loss: Union[bool, int] = False
   # reuse_base_velocity: keep the base velocities v_base(X_k, tau_k) that the adjoint's VJPs evaluate anyway
   # (``AMBatch.base_velocity``) and use them in the loss instead of a second base forward at the M * B loss
@@ -248,7 +248,7 @@ def _tile_cond(cond, m):
 
 
 def adjoint_matching_loss(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, base_params, batch: AMBatch,
-                          key, config: AMConfig = AMConfig(), cond=()):
+                          key, config: AMConfig = AMConfig(), cond=(), mesh=None):
   """Adjoint Matching regression loss (paper Eq. 25) on a subset of time steps.
 
   Args:
@@ -260,6 +260,7 @@ def adjoint_matching_loss(ft_apply_fn: Callable, ft_params, base_apply_fn: Calla
     key: PRNG key for the random loss time steps.
     config: AMConfig (static).
     cond: conditioning arrays with leading axis B.
+    mesh: the mesh the batch is sharded over, or None (``loss_at_timesteps``).
 
   Returns:
     (loss scalar, diagnostics dict): ``loss_unclipped``, ``clip_fraction``, ``reward_mean``,
@@ -275,11 +276,11 @@ def adjoint_matching_loss(ft_apply_fn: Callable, ft_params, base_apply_fn: Calla
   # sign of the target; see docs/maths.md section 3.)
   v_base = None if batch.base_velocity is None else jax.lax.stop_gradient(batch.base_velocity)[idx]
   return loss_at_timesteps(ft_apply_fn, ft_params, base_apply_fn, base_params, traj[idx], adj[idx + 1], idx,
-                           batch.rewards, config, cond, v_base)
+                           batch.rewards, config, cond, v_base, mesh)
 
 
 def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable, base_params, x_sel, a_sel, idx,
-                      rewards, config: AMConfig = AMConfig(), cond=(), v_base_sel=None):
+                      rewards, config: AMConfig = AMConfig(), cond=(), v_base_sel=None, mesh=None):
   """The loss of ``adjoint_matching_loss`` given the selected pairs: x_sel = X_k, a_sel = a_{k+1}, k in idx.
 
   x_sel, a_sel: (M, B, ...); idx: (M,) step indices; rewards: (B,) (diagnostics only).  With
@@ -287,6 +288,9 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   (``_chunked_loss``, ``chunked.separable_loss_in_chunks``).
   v_base_sel: optional (M, B, ...) base velocities v_base(X_k, tau_k) already computed (by the adjoint's
   VJPs, ``AMBatch.base_velocity``); None evaluates the base network here.
+  mesh: the mesh the batch is sharded over (or None); with ``chunk_loss`` each device then accumulates its own
+  part of the gradient and the parts are summed once (``chunked.separable_loss_in_chunks``), instead of one
+  all-reduce per chunk.
   """
   x_sel, a_sel = jax.lax.stop_gradient(x_sel), jax.lax.stop_gradient(a_sel)
   chex.assert_equal_shape([x_sel, a_sel])
@@ -308,7 +312,7 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
   if config.chunk_loss:
     loss, terms, u_sq, target_sq = _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel,
                                                  idx, coeffs, cond, v_base_sel, difference, int(config.chunk_loss),
-                                                 thresh)
+                                                 thresh, mesh)
   else:
     x = x_sel.reshape((m * b,) + x_sel.shape[2:])
     a = a_sel.reshape((m * b,) + x_sel.shape[2:])
@@ -353,7 +357,7 @@ def _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, differenc
 
 
 def _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, coeffs, cond,
-                  v_base_sel, difference, steps_per_chunk: int, clip_threshold: Optional[float]):
+                  v_base_sel, difference, steps_per_chunk: int, clip_threshold: Optional[float], mesh=None):
   """The clipped mean loss and the per-term losses, |u|^2, |target|^2 (M * B,), with ``steps_per_chunk`` = n loss
   time steps (n B rows) per ``lax.scan`` iteration and the gradient in ``ft_params`` accumulated chunk by chunk.
 
@@ -374,6 +378,7 @@ def _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_s
   def chunk_terms(params, consts, chunk):
     base_p, cond = consts
     x, a, tau, sig, one_plus_c, v_base = chunk
+    b = x.shape[1]  # B, or B / G paths on each of G devices (separable_loss_in_chunks with a mesh)
     flat_rows = lambda z: z.reshape((s * b,) + z.shape[2:])  # noqa: E731  (n, B, ...) -> (n B, ...)
     x, a = flat_rows(x), flat_rows(a)
     v_base = None if v_base is None else flat_rows(v_base)
@@ -391,8 +396,11 @@ def _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_s
   def term_weight(terms):
     return (jnp.ones_like(terms) if clip_threshold is None else (terms < clip_threshold).astype(terms.dtype)) / rows
 
+  # Batch axes for the per-device gradient on a mesh: a chunk's x, a, v_base are (n, B, ...), cond (B, ...).
+  batch_axes = ((None, 0), (1, 1, None, None, None, None if v_base_sel is None else 1))
   loss, terms, (u_sq, target_sq) = chunked.separable_loss_in_chunks(chunk_terms, ft_params, data, clipped_mean,
-                                                                    term_weight, consts=(base_params, cond))
+                                                                    term_weight, consts=(base_params, cond),
+                                                                    mesh=mesh, batch_axes=batch_axes)
   return loss, terms, u_sq.reshape(rows), target_sq.reshape(rows)
 
 
@@ -444,10 +452,10 @@ def adjoint_matching_objective(ft_apply_fn, ft_params, base_apply_fn, base_param
     x_sel, a_sel, rewards = make_am_selection(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, k_batch,
                                               x_shape, idx, config, cond, mesh)
     return loss_at_timesteps(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel, idx, rewards, config,
-                             cond)
+                             cond, mesh=mesh)
   batch = make_am_batch(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn, k_batch, x_shape, config, cond,
                         mesh)
-  return adjoint_matching_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, batch, k_loss, config, cond)
+  return adjoint_matching_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, batch, k_loss, config, cond, mesh)
 
 
 def flow_matching_loss(apply_fn: Callable, params, x1, key, schedule: schedules_lib.Schedule, cond=(),

@@ -10,6 +10,7 @@ from flax import nnx
 
 from am_jax import gmm, losses, methods, models, rewards, schedules, sharding, toy, training
 from am_jax.problem import Problem
+from tests.hlo_checks import while_body_ops
 
 S = schedules.LinearSchedule()
 RING = gmm.ring_2d(4, 1.5, 0.3)
@@ -85,7 +86,8 @@ def test_replicate_tree_copies_so_donation_keeps_the_callers_arrays():
 def test_sharded_step_matches_single_device():
   """8 forced CPU devices vs 1: same loss and parameters after 3 steps (tolerance 1e-5 relative: only the order of
   the batch reductions differs; the noise is identical by construction); also with the loss in chunks of one time
-  step on the 8 devices (``chunk_loss``: the gradient accumulated chunk by chunk over a sharded batch).  A batch
+  step on the 8 devices (``chunk_loss``: each device accumulates its part of the gradient, no all-reduce in the
+  chunk loop).  A batch
   that does not divide over the devices fails when the step is built, naming the field."""
   assert jax.device_count() == 8
   config = losses.AMConfig(num_steps=6, loss_clip=None)
@@ -98,6 +100,8 @@ def test_sharded_step_matches_single_device():
     method = methods.am(dataclasses.replace(config, chunk_loss=chunk))
     step = training.make_finetune_step(problem, method, opt, 64, mesh, ema_decay=0.9)
     bp = sharding.replicate_tree(RING, mesh)
+    if n > 1 and chunk:  # each device accumulates its part of the gradient: no all-reduce per chunk
+      assert while_body_ops(step.lower(state, bp).compile().as_text(), "all-reduce") == 0
     history = []
     for _ in range(3):
       state, m = step(state, bp)

@@ -63,7 +63,7 @@ def basic_am(config: losses.AMConfig = losses.AMConfig()) -> _common.Objective:
     _, traj, adj, rewards = soc_adjoint.full_adjoint_batch(ft_apply_fn, ft_params, base_apply_fn, base_params,
                                                            reward_fn, k_batch, x_shape, config, cond, mesh)
     loss, aux = losses.adjoint_matching_loss(ft_apply_fn, ft_params, base_apply_fn, base_params,
-                                             losses.AMBatch(traj, adj, rewards), k_loss, config, cond)
+                                             losses.AMBatch(traj, adj, rewards), k_loss, config, cond, mesh)
     return loss, dict(aux, loss=loss)
 
   return objective
