@@ -50,6 +50,7 @@ import scipy.linalg
 from am_jax import adjoint as adjoint_lib
 from am_jax import chunked
 from am_jax import sampling
+from am_jax import sharding as sharding_lib
 
 __all__ = [
     "PROBLEMS", "METHODS", "SOCProblem", "apply_sigma", "zero_control", "reference_as_control",
@@ -143,11 +144,16 @@ def reference_as_control(u_star: Callable) -> Callable:
 # Forward simulation (the step map of ``sampling.scan_steps``).
 
 
-def draw_initial_and_noise(problem: SOCProblem, key, batch: int):
-  """x0 (B, d) from the problem's sampler and standard normal xi (K, B, d) (``sampling.draw_noise``)."""
+def draw_initial_and_noise(problem: SOCProblem, key, batch: int, mesh=None):
+  """x0 (B, d) from the problem's sampler and standard normal xi (K, B, d) (``sampling.draw_noise``).
+
+  mesh: a ``('data',)`` mesh (``am_jax.sharding.make_mesh``) or None: the paths (x0's axis 0, xi's axis 1) are then
+  sharded over its devices; the values do not depend on the mesh (``jax_threefry_partitionable``).
+  """
   k0, kn = jax.random.split(key)
   x0 = problem.x0_sampler(k0, batch).astype(jnp.float32)
-  return x0, sampling.draw_noise(kn, problem.num_steps, (batch, problem.dim))
+  noise = sampling.draw_noise(kn, problem.num_steps, (batch, problem.dim))
+  return sharding_lib.constrain_batch(x0, mesh, 0), sharding_lib.constrain_batch(noise, mesh, 1)
 
 
 def rollout(problem: SOCProblem, control_fn: Callable, params, x0, noise):
@@ -317,8 +323,9 @@ def full_adjoint_continuous(problem: SOCProblem, control_fn: Callable, params, t
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Methods: objective(control_apply, params, problem, key, batch) -> (loss, aux), differentiated w.r.t. params.
-# aux holds 'loss' and 'objective' (the batch's mean cost J, no gradient).
+# Methods: objective(control_apply, params, problem, key, batch, *, mesh=None) -> (loss, aux), differentiated w.r.t.
+# params; mesh shards the batch of paths over its devices.  aux holds 'loss' and 'objective' (the batch's mean cost
+# J, no gradient).
 
 
 def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, states):
@@ -328,7 +335,7 @@ def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, state
   return control_apply(params, states.reshape(k * b, d), t).reshape(k, b, d)
 
 
-def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint, chunk_steps: int = 0):
+def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint, chunk_steps: int = 0, mesh=None):
   """Adjoint Matching regression for SOC:  L = E sum_{k<K} h |u(X_k, t_k) + sigma_k^T a_{k+1}|^2.
 
   Args:
@@ -341,6 +348,8 @@ def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint,
       rows at a time, the gradient accumulated chunk by chunk (``chunked.separable_loss_in_chunks``): the same loss
       and gradient to float rounding, faster on a CPU once the K B rows' activations outgrow its cache
       (docs/soc.md).  0: one call at all K B rows.
+    mesh: the mesh the paths are sharded over (or None); with chunk_steps each device then accumulates its own part
+      of the gradient, summed once (``chunked.separable_loss_in_chunks``).
 
   Returns:
     (loss, aux) with aux = {'control_norm': E int |u|^2, 'target_norm': E int |sigma^T a|^2}.
@@ -351,7 +360,7 @@ def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint,
   h = problem.dt
   target = -_sigma_t_on_grid(problem, adjoint[1:])
   if chunk_steps:
-    return _am_loss_in_chunks(control_apply, params, problem, traj[:-1], target, int(chunk_steps))
+    return _am_loss_in_chunks(control_apply, params, problem, traj[:-1], target, int(chunk_steps), mesh)
   u = _control_on_grid(control_apply, params, problem, traj[:-1])
   per_path = h * jnp.sum((u - target) ** 2, axis=(0, 2))
   aux = {"control_norm": h * jnp.mean(jnp.sum(u**2, axis=(0, 2))),
@@ -359,7 +368,7 @@ def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint,
   return jnp.mean(per_path), aux
 
 
-def _am_loss_in_chunks(control_apply, params, problem: SOCProblem, states, target, n: int):
+def _am_loss_in_chunks(control_apply, params, problem: SOCProblem, states, target, n: int, mesh=None):
   """``am_loss`` with the control evaluated n' time steps at a time, n' the largest divisor of K not above n
   (states, target: (K, B, d))."""
   k, b, d = states.shape
@@ -372,48 +381,51 @@ def _am_loss_in_chunks(control_apply, params, problem: SOCProblem, states, targe
   def chunk_terms(p, consts, chunk):
     del consts
     x, tgt, t = chunk
-    u = control_apply(p, x.reshape(n * b, d), jnp.repeat(t, b))
-    tgt = tgt.reshape(n * b, d)
+    rows = x.shape[1]  # B, or B / G paths on each of G devices
+    u = control_apply(p, x.reshape(n * rows, d), jnp.repeat(t, rows))
+    tgt = tgt.reshape(n * rows, d)
     return h * jnp.sum((u - tgt) ** 2, -1), (jnp.sum(u**2, -1), jnp.sum(tgt**2, -1))
 
   # loss = mean over paths of the sum over k: every (k, b) term has weight 1 / B.
   loss, _, (u_sq, target_sq) = chunked.separable_loss_in_chunks(
-      chunk_terms, params, data, lambda e: jnp.sum(e) / b, lambda e: jnp.full_like(e, 1.0 / b))
+      chunk_terms, params, data, lambda e: jnp.sum(e) / b, lambda e: jnp.full_like(e, 1.0 / b), mesh=mesh,
+      batch_axes=((), (1, 1, None)))
   aux = {"control_norm": h * jnp.sum(u_sq) / b, "target_norm": h * jnp.sum(target_sq) / b}
   return loss, aux
 
 
 def am_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int, *, td_lambda: float = 1.0,
-                 chunk_steps: int = 0):
+                 chunk_steps: int = 0, mesh=None):
   """Adjoint Matching (AM paper Alg. 1): sample (stop-gradient) trajectories, lean adjoint, regression ``am_loss``.
 
   td_lambda < 1 replaces the lean adjoint by ``bootstrapped_adjoint`` (same fixed point, lower variance);
   td_lambda = 1 (default) is plain AM.  chunk_steps: ``am_loss``'s (the loss n time steps at a time; 0: one call).
+  mesh: shards the paths over its devices (``draw_initial_and_noise``); None: no constraint.
   """
   if not 0.0 <= td_lambda <= 1.0:
     raise ValueError(f"td_lambda = {td_lambda!r}: must be in [0, 1].")
-  x0, noise = draw_initial_and_noise(problem, key, batch)
+  x0, noise = draw_initial_and_noise(problem, key, batch, mesh)
   traj, us, cost = rollout(problem, control_apply, jax.lax.stop_gradient(params), x0, noise)
   traj = jax.lax.stop_gradient(traj)
   adj = lean_adjoint(problem, traj) if td_lambda == 1.0 else bootstrapped_adjoint(problem, traj, us, td_lambda)
-  loss, aux = am_loss(control_apply, params, problem, traj, adj, chunk_steps)
+  loss, aux = am_loss(control_apply, params, problem, traj, adj, chunk_steps, mesh)
   return loss, dict(aux, loss=loss, objective=jnp.mean(jax.lax.stop_gradient(cost)))
 
 
-def discrete_adjoint_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
+def discrete_adjoint_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int, *, mesh=None):
   """Mean cost of a batch; its gradient is backprop through the discretised SDE with fixed noise."""
-  x0, noise = draw_initial_and_noise(problem, key, batch)
+  x0, noise = draw_initial_and_noise(problem, key, batch, mesh)
   _, _, cost = rollout(problem, control_apply, params, x0, noise)
   loss = jnp.mean(cost)
   return loss, {"loss": loss, "objective": jax.lax.stop_gradient(loss)}
 
 
-def continuous_adjoint_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int):
+def continuous_adjoint_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int, *, mesh=None):
   """Surrogate whose gradient is E sum_k h (d u_k / d theta)^T (u_k + sigma_k^T a_k), a from the full adjoint ODE.
 
   The value is not the cost; aux['objective'] is the batch's mean cost.
   """
-  x0, noise = draw_initial_and_noise(problem, key, batch)
+  x0, noise = draw_initial_and_noise(problem, key, batch, mesh)
   traj, us, cost = rollout(problem, control_apply, jax.lax.stop_gradient(params), x0, noise)
   traj = jax.lax.stop_gradient(traj)
   adj = full_adjoint_continuous(problem, control_apply, params, traj)
@@ -443,15 +455,16 @@ def get_method(name: str) -> Callable:
 
 
 def evaluate_control(problem: SOCProblem, control_apply: Callable, params, u_star: Optional[Callable], key,
-                     batch: int):
+                     batch: int, mesh=None):
   """Control objective and L2 error from one batch of Euler-Maruyama paths of the learned control.
 
   Returns a dict of scalars: objective (mean of J = sum_k h (|u_k|^2 / 2 + f(X_k, t_k)) + g(X_K)) and
   objective_se (std / sqrt(B) of the per-path J); if u_star is given, the control L2 error
   E int_0^T |u(X_t, t) - u*(t, X_t)|^2 dt estimated as l2_error = (1/B) sum_b sum_{k<K} h |u_k^b - u*(t_k, X_k^b)|^2
   (left Riemann sum along the learned control's paths) and its standard error over paths l2_error_se.
+  mesh: shards the paths over its devices (same values).
   """
-  x0, noise = draw_initial_and_noise(problem, key, batch)
+  x0, noise = draw_initial_and_noise(problem, key, batch, mesh)
   traj, us, cost = rollout(problem, control_apply, params, x0, noise)
   out = {"objective": jnp.mean(cost), "objective_se": jnp.std(cost, ddof=1) / jnp.sqrt(batch)}
   if u_star is not None:

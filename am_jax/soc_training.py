@@ -28,10 +28,11 @@ import optax
 from flax import nnx
 
 from am_jax import models, soc, soc_networks
+from am_jax import sharding as sharding_lib
 
 __all__ = ["CONFIG_FIELDS", "LR_SCHEDULES", "CONTROL_NETS", "TIME_FEATURES", "validate_config", "make_optimizer",
            "GradGControl", "time_input", "init_control", "method_objective", "control_from_config",
-           "problem_from_config", "make_train_step", "make_evaluator", "train_method", "reference_values",
+           "problem_from_config", "mesh_from_config", "make_train_step", "make_evaluator", "train_method", "reference_values",
            "summarise", "aggregate", "run"]
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -94,6 +95,24 @@ def validate_config(config) -> None:
   if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 0:
     raise ValueError(f"config.chunk_loss = {chunk!r}: must be an integer >= 0 (at most that many time steps per "
                      "chunk of the AM loss; 0: one call).")
+  devices = config.get("num_devices", 1)
+  if isinstance(devices, bool) or int(devices) != devices or not (devices == -1 or 1 <= devices <= jax.device_count()):
+    raise ValueError(f"config.num_devices = {devices!r}: must be -1 (all devices) or in [1, {jax.device_count()}] "
+                     "(the devices the batch of paths is sharded over).")
+  n = jax.device_count() if devices == -1 else int(devices)
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % n:
+      raise ValueError(f"config.{field} = {config[field]}: must be divisible by the {n} devices of "
+                       "config.num_devices.")
+
+
+def mesh_from_config(config) -> Optional[jax.sharding.Mesh]:
+  """The ``('data',)`` mesh of ``config.num_devices`` devices (-1: all) the paths are sharded over; None for one
+  device (no sharding constraint: the programs of single-device runs are unchanged)."""
+  devices = int(config.get("num_devices", 1))
+  if devices == 1 or (devices == -1 and jax.device_count() == 1):
+    return None
+  return sharding_lib.make_mesh(devices)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -225,23 +244,32 @@ def problem_from_config(config) -> soc.SOCProblem:
 
 
 def make_train_step(objective: Callable, problem: soc.SOCProblem, apply_fn: Callable,
-                    optimizer: optax.GradientTransformation, batch_size: int):
-  """``step(params, opt_state, key) -> (params, opt_state, loss)``: one jitted update of a ``soc.METHODS`` objective."""
+                    optimizer: optax.GradientTransformation, batch_size: int, mesh=None):
+  """``step(params, opt_state, key) -> (params, opt_state, loss)``: one jitted update of a ``soc.METHODS`` objective.
+
+  mesh: shards the batch of paths over its devices (params and optimizer state replicated: ``replicate_tree``
+  them; the gradient's batch mean becomes an all-reduce); None: one device.
+  """
+  if mesh is not None:
+    sharding_lib.check_batch_divisible(batch_size, mesh, "config.batch_size")
+  kw = {} if mesh is None else {"mesh": mesh}
 
   @jax.jit
   def step(params, opt_state, key):
     (loss, _), grads = jax.value_and_grad(
-        lambda p: objective(apply_fn, p, problem, key, batch_size), has_aux=True)(params)
+        lambda p: objective(apply_fn, p, problem, key, batch_size, **kw), has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step
 
 
-def make_evaluator(problem: soc.SOCProblem, apply_fn: Callable, eval_seed: int, eval_batch_size: int):
-  """``evaluate(params) -> dict of scalars`` (``soc.evaluate_control`` on fixed paths), jitted."""
+def make_evaluator(problem: soc.SOCProblem, apply_fn: Callable, eval_seed: int, eval_batch_size: int, mesh=None):
+  """``evaluate(params) -> dict of scalars`` (``soc.evaluate_control`` on fixed paths), jitted; mesh shards the
+  paths over its devices (the same paths and values)."""
   key = jax.random.PRNGKey(eval_seed)
-  return jax.jit(lambda params: soc.evaluate_control(problem, apply_fn, params, problem.u_star, key, eval_batch_size))
+  return jax.jit(lambda params: soc.evaluate_control(problem, apply_fn, params, problem.u_star, key, eval_batch_size,
+                                                     mesh))
 
 
 def train_method(method: str, problem: soc.SOCProblem, config, on_record: Optional[Callable] = None, *,
@@ -260,11 +288,15 @@ def train_method(method: str, problem: soc.SOCProblem, config, on_record: Option
   across seeds.
   """
   seed = config.seed if seed is None else int(seed)
+  mesh = mesh_from_config(config)
   apply_fn, params = control or control_from_config(problem, config, seed)
-  evaluate = evaluate or make_evaluator(problem, apply_fn, config.eval_seed, config.eval_batch_size)
+  evaluate = evaluate or make_evaluator(problem, apply_fn, config.eval_seed, config.eval_batch_size, mesh)
   optimizer = make_optimizer(config)
   opt_state = optimizer.init(params)
-  step = step or make_train_step(method_objective(method, config), problem, apply_fn, optimizer, config.batch_size)
+  if mesh is not None:
+    params, opt_state = sharding_lib.replicate_tree((params, opt_state), mesh)
+  step = step or make_train_step(method_objective(method, config), problem, apply_fn, optimizer, config.batch_size,
+                                 mesh)
   records, key = [], jax.random.PRNGKey(seed + 1)
   train_seconds, compile_seconds, loss = 0.0, 0.0, math.nan
   budget = config.time_budget_s or math.inf
@@ -375,11 +407,12 @@ def run(config, on_record: Optional[Callable] = None, on_problem: Optional[Calla
     on_problem(problem, setup_seconds, reference)
   seeds = [config.seed + i for i in range(config.num_seeds)]
   apply_fn = control_from_config(problem, config)[0]  # same function for every seed: one compilation
-  evaluate = make_evaluator(problem, apply_fn, config.eval_seed, config.eval_batch_size)
+  mesh = mesh_from_config(config)
+  evaluate = make_evaluator(problem, apply_fn, config.eval_seed, config.eval_batch_size, mesh)
   optimizer = make_optimizer(config)
   records_by_method, methods = {}, {}
   for method in config.methods:
-    step = make_train_step(method_objective(method, config), problem, apply_fn, optimizer, config.batch_size)
+    step = make_train_step(method_objective(method, config), problem, apply_fn, optimizer, config.batch_size, mesh)
     records_by_method[method], per_seed = [], {}
     for seed in seeds:
       control = (apply_fn, control_from_config(problem, config, seed)[1])

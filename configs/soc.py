@@ -158,6 +158,9 @@ def get_config(arg=None):
   # gradient accumulated chunk by chunk (soc.am_loss): the same loss and gradient, 1.4-1.6x faster steps on 2 CPU
   # cores (docs/soc.md).  0: one call at all K B rows, which reproduces runs made before 2026-11-27 bit for bit.
   c.chunk_loss = 10
+  # Devices the batch of paths (training and evaluation) is sharded over: 1 = one device, no sharding (the programs
+  # of the runs above); -1 = all; batch_size and eval_batch_size must divide by it.
+  c.num_devices = 1
   c.update(_OVERRIDES[c.problem])
   if options["net"] == "socm":
     shipped = {f: c[f] for f in _OPTIMISER_FIELDS}

@@ -3,6 +3,7 @@ run on Linear OU, configs/soc.py and the launcher experiments/soc.py."""
 import copy
 import csv
 import dataclasses
+import functools
 import json
 
 import jax
@@ -12,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from am_jax import launch, methods, models, sampling, soc, soc_training
+from am_jax import launch, methods, models, sampling, sharding, soc, soc_training
 
 
 def _hamiltonian_riccati(A, P, Q, S, T, t):
@@ -501,3 +502,60 @@ def test_launcher_on_a_shrunk_config(tmp_path):
     assert rows[6 * list(cfg.methods).index(method)]["l2_error"] == out["reference"]["zero"]["l2_error"]
   assert "| am | 2 |" in (tmp_path / "l2_table.md").read_text()
   assert (tmp_path / "l2_error.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method,options", [("am", {}), ("am", {"chunk_steps": 2}), ("discrete_adjoint", {}),
+                                            ("continuous_adjoint", {})])
+def test_sharded_soc_step_matches_one_device(method, options):
+  """The batch of paths sharded over 8 devices: the same losses and parameters after 2 Adam steps as on one device
+  (same noise by construction; only the order of the batch reductions differs), for every SOC method and the AM
+  loss in chunks (no all-reduce left in its chunk loop)."""
+  from tests.hlo_checks import while_body_ops  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 8
+  problem = soc.linear_ou(dim=3, num_steps=8)
+  apply_fn, params = soc_training.init_control(problem, (16,), seed=0)
+  optimizer = optax.adam(1e-2)
+  objective = functools.partial(soc.get_method(method), **options)
+  out = {}
+  for mesh in (None, sharding.make_mesh(8)):
+    p, o = (params, optimizer.init(params)) if mesh is None else sharding.replicate_tree(
+        (params, optimizer.init(params)), mesh)
+    step = soc_training.make_train_step(objective, problem, apply_fn, optimizer, 16, mesh)
+    if mesh is not None:
+      hlo = step.lower(p, o, jax.random.PRNGKey(0)).compile().as_text()
+      assert "all-reduce" in hlo  # the paths are sharded: the gradient's batch mean is reduced across devices
+      if options:
+        assert while_body_ops(hlo, "all-reduce") == 0
+    losses = []
+    for i in range(2):
+      p, o, loss = step(p, o, jax.random.PRNGKey(i))
+      losses.append(float(loss))
+    out[mesh is None] = (losses, [np.asarray(x) for x in jax.tree.leaves(p)])
+  np.testing.assert_allclose(out[False][0], out[True][0], rtol=1e-5)
+  for a, b in zip(out[False][1], out[True][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="config.batch_size"):
+    soc_training.make_train_step(objective, problem, apply_fn, optimizer, 12, sharding.make_mesh(8))
+
+
+def test_soc_run_on_two_devices_and_its_config_errors():
+  """configs/soc.py with num_devices = 2: the run trains and evaluates with the paths sharded and gives the
+  one-device run's L2 errors (the same evaluation paths); bad num_devices / indivisible batches are one-line
+  errors naming the field, before any work."""
+  cfg = _load_config("linear_ou")
+  cfg.unlock()
+  cfg.update(methods=("am",), num_iterations=2, eval_every=2, batch_size=8, eval_batch_size=16, hidden=(8,),
+             num_steps=6)
+  results = {}
+  for devices in (1, 2):
+    cfg.num_devices = devices
+    summary, _ = soc_training.run(cfg)
+    results[devices] = summary["methods"]["am"]["final_l2_error"]
+  np.testing.assert_allclose(results[2], results[1], rtol=1e-4)
+  for field, value, match in (("num_devices", 9, "config.num_devices"), ("num_devices", 0, "config.num_devices"),
+                              ("num_devices", 3, "config.batch_size"), ("batch_size", 7, "config.batch_size")):
+    bad = copy.deepcopy(cfg)
+    bad.num_devices = 2
+    bad[field] = value
+    with pytest.raises(ValueError, match=match):
+      soc_training.validate_config(bad)
