@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from am_jax import gmm, losses, rewards, schedules
+from am_jax import gmm, losses, rewards, schedules, sharding
 
 S = schedules.LinearSchedule()
 MIX = gmm.bimodal_1d()
@@ -318,7 +318,8 @@ def test_loss_embeds_each_loss_time_once():
 
 def test_loss_chunks_of_several_time_steps_match_one_call():
   """``chunk_loss = n``: the M loss steps in M / n chunks of n B rows (conditioning tiled per chunk) give
-  the loss, aux and gradient of the single (M B)-row call to float rounding, for every divisor n of M."""
+  the loss, aux and gradient of the single (M B)-row call to float rounding, for every divisor n of M, also with the
+  batch sharded over 8 devices (each accumulating its part of the gradient; also on the remat path)."""
   ring = gmm.ring_2d(4, 1.5, 0.3)
   params = _plain_mlp_init(jax.random.PRNGKey(5), dim=2)
   params["w2"] = 30.0 * params["w2"]
@@ -336,16 +337,18 @@ def test_loss_chunks_of_several_time_steps_match_one_call():
   config = losses.AMConfig(num_steps=12, num_random_timesteps=4, num_last_timesteps=4, reward_multiplier=2.0)
   assert config.num_loss_timesteps == 8
 
-  def value_and_grad(cfg):
+  def value_and_grad(cfg, mesh=None):
     fn = lambda p: losses.adjoint_matching_objective(ft, p, base, ring, reward, jax.random.PRNGKey(3),  # noqa: E731
-                                                     (32, 2), cfg, cond=(labels,))
+                                                     (32, 2), cfg, cond=(labels,), mesh=mesh)
     return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
   (l0, aux0), g0 = value_and_grad(config)
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
   assert scale > 1e-3 and float(jnp.max(jnp.abs(g0["wc"]))) > 1e-3
-  for n in (1, 2, 4, 8):
-    (l1, aux1), g1 = value_and_grad(dataclasses.replace(config, chunk_loss=n))
+  mesh = sharding.make_mesh(8)  # also with the paths (and their labels) split over 8 devices, per-device gradients
+  for n, m, remat in ((1, None, 0), (2, None, 0), (4, None, 0), (8, None, 0), (1, mesh, 0), (4, mesh, 0),
+                      (2, mesh, 3)):
+    (l1, aux1), g1 = value_and_grad(dataclasses.replace(config, chunk_loss=n, remat_segments=remat), m)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, err_msg=str(n))
     for k in aux0:
       np.testing.assert_allclose(float(aux1[k]), float(aux0[k]), rtol=1e-5, atol=1e-6, err_msg=f"{k} {n}")
