@@ -19,6 +19,7 @@ import math
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 try:  # jax >= 0.5
@@ -88,6 +89,33 @@ def replicate_tree(tree, mesh: Mesh):
 
 def num_devices(mesh: Mesh) -> int:
   return math.prod(mesh.devices.shape)
+
+
+def rows_by_device(x, mesh: Optional[Mesh]):
+  """(L, B, ...) -> (L B, ...) network rows, device by device, sharded over the mesh on the rows axis.
+
+  The plain ``x.reshape(L * B, ...)`` puts the L blocks of B paths one after the other; with the paths sharded,
+  that merged axis cannot be split over the devices, so XLA gathers it and every device evaluates all L B rows.
+  Here device g's rows are its own B / G paths at each of the L leading indices (L blocks of B / G rows), so each
+  device keeps its share (a local transpose, no communication).  Without a mesh (or with one device): the plain
+  reshape.  ``rows_by_device_inverse`` undoes it.
+  """
+  lead, b = x.shape[:2]
+  g = 1 if mesh is None else num_devices(mesh)
+  if g == 1:
+    return x.reshape((lead * b,) + x.shape[2:])
+  x = jnp.moveaxis(x.reshape((lead, g, b // g) + x.shape[2:]), 1, 0)   # (G, L, B / G, ...)
+  return constrain_batch(x.reshape((lead * b,) + x.shape[3:]), mesh, 0)
+
+
+def rows_by_device_inverse(rows, lead: int, mesh: Optional[Mesh]):
+  """(L B, ...) rows of ``rows_by_device`` -> (L, B, ...), the paths sharded over the mesh on axis 1."""
+  b = rows.shape[0] // lead
+  g = 1 if mesh is None else num_devices(mesh)
+  if g == 1:
+    return rows.reshape((lead, b) + rows.shape[1:])
+  x = jnp.moveaxis(rows.reshape((g, lead, b // g) + rows.shape[1:]), 0, 1)   # (L, G, B / G, ...)
+  return constrain_batch(x.reshape((lead, b) + rows.shape[1:]), mesh, 1)
 
 
 def to_local(tree):

@@ -328,9 +328,14 @@ def full_adjoint_continuous(problem: SOCProblem, control_fn: Callable, params, t
 # J, no gradient).
 
 
-def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, states):
-  """u(X_k, t_k) for states (K, B, d) in one batched call -> (K, B, d)."""
+def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, states, mesh=None):
+  """u(X_k, t_k) for states (K, B, d) in one batched call -> (K, B, d); with a mesh of several devices the rows go
+  device by device (``sharding.rows_by_device``: each device evaluates its own paths)."""
   k, b, d = states.shape
+  if mesh is not None and sharding_lib.num_devices(mesh) > 1:
+    t = sharding_lib.rows_by_device(jnp.broadcast_to(problem.times()[:k, None], (k, b)), mesh)
+    u = control_apply(params, sharding_lib.rows_by_device(states, mesh), t)
+    return sharding_lib.rows_by_device_inverse(u, k, mesh)
   t = jnp.repeat(problem.times()[:k], b)
   return control_apply(params, states.reshape(k * b, d), t).reshape(k, b, d)
 
@@ -361,7 +366,7 @@ def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint,
   target = -_sigma_t_on_grid(problem, adjoint[1:])
   if chunk_steps:
     return _am_loss_in_chunks(control_apply, params, problem, traj[:-1], target, int(chunk_steps), mesh)
-  u = _control_on_grid(control_apply, params, problem, traj[:-1])
+  u = _control_on_grid(control_apply, params, problem, traj[:-1], mesh)
   per_path = h * jnp.sum((u - target) ** 2, axis=(0, 2))
   aux = {"control_norm": h * jnp.mean(jnp.sum(u**2, axis=(0, 2))),
          "target_norm": h * jnp.mean(jnp.sum(target**2, axis=(0, 2)))}
@@ -430,7 +435,7 @@ def continuous_adjoint_objective(control_apply: Callable, params, problem: SOCPr
   traj = jax.lax.stop_gradient(traj)
   adj = full_adjoint_continuous(problem, control_apply, params, traj)
   weight = jax.lax.stop_gradient(us + _sigma_t_on_grid(problem, adj[:-1]))
-  u = _control_on_grid(control_apply, params, problem, traj[:-1])
+  u = _control_on_grid(control_apply, params, problem, traj[:-1], mesh)
   surrogate = problem.dt * jnp.mean(jnp.sum(u * weight, axis=(0, 2)))
   return surrogate, {"loss": surrogate, "objective": jnp.mean(jax.lax.stop_gradient(cost))}
 

@@ -53,7 +53,7 @@ def test_clipped_mean_in_chunks_matches_one_call_and_skips_integer_leaves():
 def test_per_device_gradient_on_a_mesh_matches_one_call_with_one_all_reduce():
   """8 devices, the batch sharded: the same loss, gradient and (permuted) terms as one call at all rows, and no
   all-reduce inside the chunk loop (each device accumulates its part; without the mesh XLA reduced every chunk's
-  gradient).  Conditioning in consts with its own batch axis; a mesh without batch_axes is refused."""
+  gradient), each device doing 1/8 of the FLOPs.  Conditioning in consts with its own batch axis; a mesh without batch_axes is refused."""
   assert jax.device_count() == 8
   mesh = sharding.make_mesh(8)
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -88,6 +88,9 @@ def test_per_device_gradient_on_a_mesh_matches_one_call_with_one_all_reduce():
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   assert while_body_ops(step.lower(params, x).compile().as_text(), "all-reduce") == 0
+  # ... and each device does its 1/8 of the work (XLA's per-device FLOP count), not all groups redundantly.
+  flops = lambda fn: fn.lower(params, x).compile().cost_analysis()["flops"]  # noqa: E731
+  assert flops(step) < 0.3 * flops(jax.jit(jax.value_and_grad(one_call, has_aux=True)))
   per_chunk = jax.jit(jax.value_and_grad(lambda p, x: in_chunks(p, x, with_mesh=False), has_aux=True))
   assert while_body_ops(per_chunk.lower(params, x).compile().as_text(), "all-reduce") > 0  # what the mesh avoids
   with pytest.raises(ValueError, match="batch_axes"):

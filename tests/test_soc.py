@@ -509,28 +509,31 @@ def test_launcher_on_a_shrunk_config(tmp_path):
 def test_sharded_soc_step_matches_one_device(method, options):
   """The batch of paths sharded over 8 devices: the same losses and parameters after 2 Adam steps as on one device
   (same noise by construction; only the order of the batch reductions differs), for every SOC method and the AM
-  loss in chunks (no all-reduce left in its chunk loop)."""
+  loss in chunks (no all-reduce left in its chunk loop); the one-call losses evaluate each device's K B / 8 rows
+  there (K B = 128 rows of the 16-wide net on one device, 16 on each of 8), not all K B rows on every device."""
   from tests.hlo_checks import while_body_ops  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8
   problem = soc.linear_ou(dim=3, num_steps=8)
   apply_fn, params = soc_training.init_control(problem, (16,), seed=0)
   optimizer = optax.adam(1e-2)
   objective = functools.partial(soc.get_method(method), **options)
-  out = {}
+  out, hlo = {}, {}
   for mesh in (None, sharding.make_mesh(8)):
     p, o = (params, optimizer.init(params)) if mesh is None else sharding.replicate_tree(
         (params, optimizer.init(params)), mesh)
     step = soc_training.make_train_step(objective, problem, apply_fn, optimizer, 16, mesh)
+    hlo[mesh is None] = step.lower(p, o, jax.random.PRNGKey(0)).compile().as_text()
     if mesh is not None:
-      hlo = step.lower(p, o, jax.random.PRNGKey(0)).compile().as_text()
-      assert "all-reduce" in hlo  # the paths are sharded: the gradient's batch mean is reduced across devices
+      assert "all-reduce" in hlo[False]  # the paths are sharded: the gradient's batch mean is reduced across devices
       if options:
-        assert while_body_ops(hlo, "all-reduce") == 0
+        assert while_body_ops(hlo[False], "all-reduce") == 0
     losses = []
     for i in range(2):
       p, o, loss = step(p, o, jax.random.PRNGKey(i))
       losses.append(float(loss))
     out[mesh is None] = (losses, [np.asarray(x) for x in jax.tree.leaves(p)])
+  if method in ("am", "continuous_adjoint") and not options:  # the one call at all K B rows: each device its share
+    assert "f32[128,16]" in hlo[True] and "f32[128,16]" not in hlo[False] and "f32[16,16]" in hlo[False]
   np.testing.assert_allclose(out[False][0], out[True][0], rtol=1e-5)
   for a, b in zip(out[False][1], out[True][1]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

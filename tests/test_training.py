@@ -83,6 +83,20 @@ def test_replicate_tree_copies_so_donation_keeps_the_callers_arrays():
     np.testing.assert_array_equal(np.asarray(x), np.arange(32.0))
 
 
+def test_rows_by_device_order_and_inverse():
+  """(L, B, ...) -> rows device by device: device g's block holds its B / G paths at every leading index; the
+  inverse restores the array; without a mesh it is the plain reshape."""
+  x = jnp.arange(3 * 16 * 2, dtype=jnp.float32).reshape(3, 16, 2)
+  mesh = sharding.make_mesh(8)
+  rows = sharding.rows_by_device(x, mesh)
+  expected = np.moveaxis(np.asarray(x).reshape(3, 8, 2, 2), 1, 0).reshape(48, 2)
+  np.testing.assert_array_equal(np.asarray(rows), expected)
+  assert rows.sharding.spec[0] == sharding.DATA_AXIS
+  np.testing.assert_array_equal(np.asarray(sharding.rows_by_device_inverse(rows, 3, mesh)), np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(sharding.rows_by_device(x, None)), np.asarray(x).reshape(48, 2))
+  np.testing.assert_array_equal(np.asarray(sharding.rows_by_device_inverse(x.reshape(48, 2), 3, None)), np.asarray(x))
+
+
 def test_sharded_step_matches_single_device():
   """8 forced CPU devices vs 1: same loss and parameters after 3 steps (tolerance 1e-5 relative: only the order of
   the batch reductions differs; the noise is identical by construction); also with the loss in chunks of one time
@@ -100,8 +114,12 @@ def test_sharded_step_matches_single_device():
     method = methods.am(dataclasses.replace(config, chunk_loss=chunk))
     step = training.make_finetune_step(problem, method, opt, 64, mesh, ema_decay=0.9)
     bp = sharding.replicate_tree(RING, mesh)
+    hlo = step.lower(state, bp).compile().as_text()
+    rows = f"f32[{config.num_loss_timesteps * 64},32]"  # the loss's first hidden layer at all M B rows
     if n > 1 and chunk:  # each device accumulates its part of the gradient: no all-reduce per chunk
-      assert while_body_ops(step.lower(state, bp).compile().as_text(), "all-reduce") == 0
+      assert while_body_ops(hlo, "all-reduce") == 0
+    # The one-call loss: all M B rows on one device, M B / 8 on each of 8 (sharding.rows_by_device), not all of them.
+    assert (rows in hlo) == (n == 1 and not chunk), (n, chunk)
     history = []
     for _ in range(3):
       state, m = step(state, bp)
