@@ -129,15 +129,26 @@ def deterministic_am(config: losses.AMConfig = losses.AMConfig(), truncation: fl
     if n_anchor:
       idx = jnp.concatenate([jax.random.choice(ka, k_start, (n_anchor,), replace=False), idx])
     n = idx.shape[0]
-    x = traj[idx].reshape((n * batch,) + traj.shape[2:])
-    tau = jnp.repeat(coeffs.tau[idx], batch)
-    cond_n = losses._tile_cond(cond, n)
-    with time_hints.rows_in_time_blocks(n):  # n blocks of B rows at tau_k
+    a_next = adj[1:].reshape((n_win * batch,) + traj.shape[2:])
+    target = regulariser_target(reg, schedule, a_next, jnp.repeat(coeffs.tau[idx[n_anchor:]], batch))
+    target = jnp.concatenate([jnp.zeros((n_anchor * batch,) + traj.shape[2:]), target], axis=0)
+    blocks = n
+    if mesh is not None and sharding_lib.num_devices(mesh) > 1:
+      # The network's rows device by device (sharding.rows_by_device): each device evaluates its own n B / G rows;
+      # the plain reshape made XLA gather all n B of them on every device.  The target follows the same order.
+      rows = lambda z: sharding_lib.rows_by_device(z, mesh)  # noqa: E731
+      x = rows(traj[idx])
+      tau = rows(jnp.broadcast_to(coeffs.tau[idx][:, None], (n, batch)))
+      cond_n = tuple(rows(jnp.broadcast_to(c[None], (n,) + c.shape)) for c in cond)
+      target = rows(target.reshape((n, batch) + traj.shape[2:]))
+      blocks = n * sharding_lib.num_devices(mesh)
+    else:
+      x = traj[idx].reshape((n * batch,) + traj.shape[2:])
+      tau = jnp.repeat(coeffs.tau[idx], batch)
+      cond_n = losses._tile_cond(cond, n)
+    with time_hints.rows_in_time_blocks(blocks):  # n blocks of B rows at tau_k (G n blocks of B / G with a mesh)
       dv = ft_apply_fn(ft_params, x, tau, *cond_n) - jax.lax.stop_gradient(base_apply_fn(base_params, x, tau,
                                                                                          *cond_n))
-    a_next = adj[1:].reshape((n_win * batch,) + traj.shape[2:])
-    target = regulariser_target(reg, schedule, a_next, tau[n_anchor * batch:])
-    target = jnp.concatenate([jnp.zeros((n_anchor * batch,) + traj.shape[2:]), target], axis=0)
     loss = jnp.mean(_common.sqnorm(dv - target) / _weight(reg, schedule, tau))
     cost = jnp.sum(coeffs.dt[0] * regulariser_cost(reg, schedule, jax.lax.stop_gradient(dv), tau)) / batch
     return loss, {"loss": loss, "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards),

@@ -82,10 +82,11 @@ def full_adjoint_batch(ft_apply_fn, ft_params, base_apply_fn, base_params, rewar
   return coeffs, traj, sharding_lib.constrain_batch(adj, mesh, 1), rewards
 
 
-def _control_and_drift(ft_apply_fn, params, base_apply_fn, base_params, traj, coeffs, cond):
+def _control_and_drift(ft_apply_fn, params, base_apply_fn, base_params, traj, coeffs, cond, mesh=None):
   """Per-step (u_k, b^ft_k, h_k) at X_k for all k in one batched call: shapes (K B, ...)."""
-  x, t, c, cond_k = _common.flat_steps(traj, coeffs, cond)
-  with time_hints.rows_in_time_blocks(coeffs.num_steps):  # K blocks of B rows at tau_k
+  x, t, c, cond_k = _common.flat_steps(traj, coeffs, cond, mesh)
+  devices = 1 if mesh is None else sharding_lib.num_devices(mesh)
+  with time_hints.rows_in_time_blocks(coeffs.num_steps * devices):  # K blocks of B rows at tau_k (G K of B / G)
     v_ft = ft_apply_fn(params, x, t, *cond_k)
     v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_k))
   u = _bcast((1.0 + c["loss_drift_scale"]) / c["loss_sigma"], x) * (v_ft - v_base)
@@ -114,8 +115,8 @@ def continuous_adjoint(config: losses.AMConfig = losses.AMConfig()) -> _common.O
     coeffs, traj, adj, rewards = full_adjoint_batch(ft_apply_fn, ft_params, base_apply_fn, base_params, reward_fn,
                                                     key, x_shape, config, cond, mesh)
     b = traj.shape[1]
-    u, drift, dt = _control_and_drift(ft_apply_fn, ft_params, base_apply_fn, base_params, traj, coeffs, cond)
-    a_next = adj[1:].reshape(drift.shape)
+    u, drift, dt = _control_and_drift(ft_apply_fn, ft_params, base_apply_fn, base_params, traj, coeffs, cond, mesh)
+    a_next = sharding_lib.rows_by_device(adj[1:], mesh)  # the rows of flat_steps (a plain reshape without a mesh)
     per_row = dt * (jnp.sum((drift * a_next).reshape(drift.shape[0], -1), -1) + 0.5 * _common.sqnorm(u))
     surrogate = jnp.sum(per_row) / b
     control_cost = jnp.sum(dt * 0.5 * _common.sqnorm(jax.lax.stop_gradient(u))) / b

@@ -1,6 +1,8 @@
 """``am_jax.methods`` (the registry, ``build``, ``options``, ``_common``): one-line errors naming the unknown method
 or option and its closest match; every factory checks its options when the objective is built; every method runs
 in the sharded production step with the shared signature and keeps its sharding constraints."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,31 @@ def test_every_method_runs_in_the_sharded_production_step(name):
   moved = [float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(sharding.to_local(state.params)),
                                                                     start)]
   assert max(moved) > 1e-3 and int(sharding.to_local(state.step)) == 2
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_method_evaluates_only_its_own_paths_on_each_device(name):
+  """8 devices, B = 64 paths: no matrix product of the compiled step has B or more rows (each device holds B / 8
+  paths; the stacked K B or M B rows of a one-call loss were gathered onto every device before
+  ``sharding.rows_by_device``), while the one-device step has them; and the first losses agree."""
+  ring = gmm.ring_2d(num=3)
+  base = toy.mixture_base(ring, helpers.S)
+  net_apply, params = helpers.random_net(dim=2)
+  problem = Problem(base_apply=base, base_params=ring, net_apply=net_apply, init_params=params,
+                    parameterisation="control", config=helpers.SMALL,
+                    reward_fn=rewards.quadratic_reward(0.5 * jnp.eye(2), jnp.array([1.0, -0.5])), sample_shape=(2,))
+  objective = helpers.small(name)
+  opt = training.make_optimizer("adam", 1e-2)
+  loss = {}
+  for n in (1, 8):
+    mesh = sharding.make_mesh(n)
+    step = training.make_finetune_step(problem, objective, opt, 64, mesh)
+    state = sharding.replicate_tree(training.init_state(params, opt, 0), mesh)
+    bp = sharding.replicate_tree(ring, mesh)
+    hlo = step.lower(state, bp).compile().as_text()
+    # Rows of the network's matrix products (dots and library dot fusions): B, K B or M B on one device.
+    rows = {int(m.group(1)) for line in hlo.splitlines() if " dot(" in line or "kCustom" in line
+            for m in [re.search(r"= f32\[(\d+)[,\]]", line)] if m}
+    assert (max(rows) >= 64) == (n == 1), (n, sorted(rows))
+    loss[n] = float(step(state, bp)[1]["loss"])
+  np.testing.assert_allclose(loss[8], loss[1], rtol=1e-4)
