@@ -60,17 +60,23 @@ def test_config_must_be_an_am_config():
     methods.eam({"num_steps": 3})
 
 
-@pytest.mark.parametrize("name", sorted(methods.METHODS))
-def test_every_method_runs_in_the_sharded_production_step(name):
-  """The shared signature, with a 2-device mesh: the objective's batch-axis intermediates carry sharding
-  constraints, and two steps of ``training.make_finetune_step`` (one jit, sharded, state donated) give finite
-  losses and a finite, non-zero gradient, and move the parameters."""
+def _ring_problem():
+  """(ring params, base apply, net params, Problem): a 2-D ring base, a random residual MLP, a quadratic reward."""
   ring = gmm.ring_2d(num=3)
   base = toy.mixture_base(ring, helpers.S)
   net_apply, params = helpers.random_net(dim=2)
   problem = Problem(base_apply=base, base_params=ring, net_apply=net_apply, init_params=params,
                     parameterisation="control", config=helpers.SMALL,
                     reward_fn=rewards.quadratic_reward(0.5 * jnp.eye(2), jnp.array([1.0, -0.5])), sample_shape=(2,))
+  return ring, base, params, problem
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_method_runs_in_the_sharded_production_step(name):
+  """The shared signature, with a 2-device mesh: the objective's batch-axis intermediates carry sharding
+  constraints, and two steps of ``training.make_finetune_step`` (one jit, sharded, state donated) give finite
+  losses and a finite, non-zero gradient, and move the parameters."""
+  ring, base, params, problem = _ring_problem()
   objective = helpers.small(name)
   mesh = sharding.make_mesh(2)
   jaxpr = jax.make_jaxpr(lambda p: objective(problem.finetuned_apply(), p, base, ring, problem.reward_fn,
@@ -97,12 +103,7 @@ def test_every_method_evaluates_only_its_own_paths_on_each_device(name):
   """8 devices, B = 64 paths: no matrix product of the compiled step has B or more rows (each device holds B / 8
   paths; the stacked K B or M B rows of a one-call loss were gathered onto every device before
   ``sharding.rows_by_device``), while the one-device step has them; and the first losses agree."""
-  ring = gmm.ring_2d(num=3)
-  base = toy.mixture_base(ring, helpers.S)
-  net_apply, params = helpers.random_net(dim=2)
-  problem = Problem(base_apply=base, base_params=ring, net_apply=net_apply, init_params=params,
-                    parameterisation="control", config=helpers.SMALL,
-                    reward_fn=rewards.quadratic_reward(0.5 * jnp.eye(2), jnp.array([1.0, -0.5])), sample_shape=(2,))
+  ring, base, params, problem = _ring_problem()
   objective = helpers.small(name)
   opt = training.make_optimizer("adam", 1e-2)
   loss = {}
