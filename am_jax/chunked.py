@@ -74,9 +74,11 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
     return jax.tree.unflatten(treedef, [next(it_float) if f else next(it_fixed) for f in is_float])
 
   def forward(float_leaves, consts, data):  # the value only: no VJP when no gradient is asked for
-    def body(carry, chunk):
-      return carry, term_fn(merged(float_leaves), consts, chunk)
-    terms, extras = jax.lax.scan(body, None, data)[1]
+    fn = lambda c, chunk: term_fn(merged(float_leaves), c, chunk)  # noqa: E731
+    if groups > 1:  # each device its own rows, in the order of accumulate_per_device
+      consts, data = _split_batch(consts, batch_axes[0], groups, 0), _split_batch(data, batch_axes[1], groups, 1)
+      fn = jax.vmap(fn, in_axes=batch_axes)
+    terms, extras = jax.lax.scan(lambda carry, chunk: (carry, fn(consts, chunk)), None, data)[1]
     return terms.reshape(-1), extras
 
   def accumulate(float_leaves, consts, data):

@@ -84,6 +84,10 @@ def test_per_device_gradient_on_a_mesh_matches_one_call_with_one_all_reduce():
   step = jax.jit(jax.value_and_grad(in_chunks, has_aux=True))
   (l1, t1), g1 = step(params, x)
   np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  value_only = jax.jit(lambda p, x: in_chunks(p, x)[0])  # the forward path (no VJP), also per device
+  np.testing.assert_allclose(float(value_only(params, x)), float(l0), rtol=1e-6)
+  assert value_only.lower(params, x).compile().cost_analysis()["flops"] < 0.3 * jax.jit(
+      lambda p, x: one_call(p, x)[0]).lower(params, x).compile().cost_analysis()["flops"]
   np.testing.assert_allclose(np.sort(np.asarray(t1)), np.sort(np.asarray(t0)), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
