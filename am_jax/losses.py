@@ -313,29 +313,19 @@ def loss_at_timesteps(ft_apply_fn: Callable, ft_params, base_apply_fn: Callable,
     loss, terms, u_sq, target_sq = _chunked_loss(ft_apply_fn, ft_params, base_apply_fn, base_params, x_sel, a_sel,
                                                  idx, coeffs, cond, v_base_sel, difference, int(config.chunk_loss),
                                                  thresh, mesh)
-  elif mesh is not None and sharding_lib.num_devices(mesh) > 1:
-    # Rows device by device (sharding.rows_by_device): each device evaluates its own M (B / G) rows; the plain
-    # (M B)-row reshape would make every device evaluate all of them.  Only the order of the terms differs.
-    rows = lambda z: sharding_lib.rows_by_device(z, mesh)  # noqa: E731  (M, B, ...) -> (M B, ...)
-    per_path = lambda v: rows(jnp.broadcast_to(v[:, None], (m, b)))  # noqa: E731  (M,) -> (M B,)
-    x, a = rows(x_sel), rows(a_sel)
-    t, sig = per_path(coeffs.tau[idx]), per_path(coeffs.loss_sigma[idx])
-    one_plus_c = per_path(1.0 + coeffs.loss_drift_scale[idx])
-    v_base = None if v_base_sel is None else rows(v_base_sel)
-    cond_rows = tuple(rows(jnp.broadcast_to(c[None], (m,) + c.shape)) for c in cond)
-    with time_hints.rows_in_time_blocks(m * sharding_lib.num_devices(mesh)):  # G M blocks of B / G rows, one time each
-      diff = _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, difference, x, t, cond_rows, v_base)
   else:
-    x = x_sel.reshape((m * b,) + x_sel.shape[2:])
-    a = a_sel.reshape((m * b,) + x_sel.shape[2:])
-    t = jnp.repeat(coeffs.tau[idx], b)
-    sig = jnp.repeat(coeffs.loss_sigma[idx], b)
-    one_plus_c = jnp.repeat(1.0 + coeffs.loss_drift_scale[idx], b)
-    v_base = None if v_base_sel is None else v_base_sel.reshape(x.shape)
-    with time_hints.rows_in_time_blocks(m):  # t = M blocks of B rows at one time: models.MLP embeds M times, not M B
-      diff = _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, difference, x, t,
-                            _tile_cond(cond, m), v_base)
-  if not config.chunk_loss:
+    # Rows device by device (sharding.rows_by_device): each device evaluates its own M (B / G) rows; the plain
+    # (M B)-row reshape (what it is on one device) made XLA gather them all onto every device.
+    rows = lambda z: sharding_lib.rows_by_device(z, mesh)  # noqa: E731  (M, B, ...) -> (M B, ...)
+    per_row = lambda v: sharding_lib.rows_per_step(v, b, mesh)  # noqa: E731  (M,) -> (M B,)
+    x, a = rows(x_sel), rows(a_sel)
+    t, sig, one_plus_c = per_row(coeffs.tau[idx]), per_row(coeffs.loss_sigma[idx]), per_row(
+        1.0 + coeffs.loss_drift_scale[idx])
+    v_base = None if v_base_sel is None else rows(v_base_sel)
+    cond_rows = tuple(sharding_lib.rows_of_paths(c, m, mesh) for c in cond)
+    # t = M blocks of B rows at one time (G M blocks of B / G on G devices): models.MLP embeds once per block
+    with time_hints.rows_in_time_blocks(m * sharding_lib.devices_of(mesh)):
+      diff = _ft_minus_base(ft_apply_fn, ft_params, base_apply_fn, base_params, difference, x, t, cond_rows, v_base)
     u = _bcast(one_plus_c / sig, x) * diff
     target = -_bcast(sig, x) * a
     terms = jnp.sum(((u - target) ** 2).reshape(m * b, -1), axis=-1)

@@ -91,6 +91,23 @@ def num_devices(mesh: Mesh) -> int:
   return math.prod(mesh.devices.shape)
 
 
+def devices_of(mesh: Optional[Mesh]) -> int:
+  """Number of devices of the mesh; 1 without one."""
+  return 1 if mesh is None else num_devices(mesh)
+
+
+def rows_per_step(values, batch: int, mesh: Optional[Mesh]):
+  """(L,) per-step values -> (L B,) per-row values in the row order of ``rows_by_device`` (repeat(values, B)
+  without a mesh)."""
+  return rows_by_device(jnp.broadcast_to(values[:, None], (values.shape[0], batch)), mesh)
+
+
+def rows_of_paths(x, lead: int, mesh: Optional[Mesh]):
+  """(B, ...) per-path values (conditioning) -> (L B, ...), the same B rows at each of L leading indices, in the row
+  order of ``rows_by_device`` (L copies stacked without a mesh)."""
+  return rows_by_device(jnp.broadcast_to(x[None], (lead,) + x.shape), mesh)
+
+
 def rows_by_device(x, mesh: Optional[Mesh]):
   """(L, B, ...) -> (L B, ...) network rows, device by device, sharded over the mesh on the rows axis.
 
@@ -101,7 +118,7 @@ def rows_by_device(x, mesh: Optional[Mesh]):
   reshape.  ``rows_by_device_inverse`` undoes it.
   """
   lead, b = x.shape[:2]
-  g = 1 if mesh is None else num_devices(mesh)
+  g = devices_of(mesh)
   if g == 1:
     return x.reshape((lead * b,) + x.shape[2:])
   x = jnp.moveaxis(x.reshape((lead, g, b // g) + x.shape[2:]), 1, 0)   # (G, L, B / G, ...)
@@ -111,7 +128,7 @@ def rows_by_device(x, mesh: Optional[Mesh]):
 def rows_by_device_inverse(rows, lead: int, mesh: Optional[Mesh]):
   """(L B, ...) rows of ``rows_by_device`` -> (L, B, ...), the paths sharded over the mesh on axis 1."""
   b = rows.shape[0] // lead
-  g = 1 if mesh is None else num_devices(mesh)
+  g = devices_of(mesh)
   if g == 1:
     return rows.reshape((lead, b) + rows.shape[1:])
   x = jnp.moveaxis(rows.reshape((g, lead, b // g) + rows.shape[1:]), 0, 1)   # (L, G, B / G, ...)

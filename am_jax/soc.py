@@ -331,13 +331,10 @@ def full_adjoint_continuous(problem: SOCProblem, control_fn: Callable, params, t
 def _control_on_grid(control_apply: Callable, params, problem: SOCProblem, states, mesh=None):
   """u(X_k, t_k) for states (K, B, d) in one batched call -> (K, B, d); with a mesh of several devices the rows go
   device by device (``sharding.rows_by_device``: each device evaluates its own paths)."""
-  k, b, d = states.shape
-  if mesh is not None and sharding_lib.num_devices(mesh) > 1:
-    t = sharding_lib.rows_by_device(jnp.broadcast_to(problem.times()[:k, None], (k, b)), mesh)
-    u = control_apply(params, sharding_lib.rows_by_device(states, mesh), t)
-    return sharding_lib.rows_by_device_inverse(u, k, mesh)
-  t = jnp.repeat(problem.times()[:k], b)
-  return control_apply(params, states.reshape(k * b, d), t).reshape(k, b, d)
+  k, b, _ = states.shape
+  t = sharding_lib.rows_per_step(problem.times()[:k], b, mesh)
+  u = control_apply(params, sharding_lib.rows_by_device(states, mesh), t)
+  return sharding_lib.rows_by_device_inverse(u, k, mesh)
 
 
 def am_loss(control_apply: Callable, params, problem: SOCProblem, traj, adjoint, chunk_steps: int = 0, mesh=None):

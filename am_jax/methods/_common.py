@@ -107,17 +107,12 @@ def constrain_rows(x, mesh, copies: int):
 def flat_steps(traj, coeffs: sampling.StepCoefficients, cond, mesh=None):
   """Stacks steps 0..K-1 into one batch: x (K B, ...), t (K B,), per-row step coefficients and cond.
 
-  mesh (several devices): the rows go device by device (``sharding.rows_by_device``, which ``rows`` below applies
-  to any other (K, B, ...) array), so each device evaluates its own paths; the plain reshape made XLA gather the
-  K B rows and every device evaluate all of them (seen in the compiled 8-device program).
+  The rows go device by device (``sharding.rows_by_device``; the plain K-major stack on one device), so with a mesh
+  each device evaluates its own paths; the plain reshape made XLA gather the K B rows onto every device.
   """
   k_steps, b = coeffs.num_steps, traj.shape[1]
+  per_row = lambda v: sharding_lib.rows_per_step(v, b, mesh)  # noqa: E731
   fields = ("dt", "drift_scale", "kappa", "loss_sigma", "loss_drift_scale")
-  if mesh is not None and sharding_lib.num_devices(mesh) > 1:
-    rows = lambda z: sharding_lib.rows_by_device(z, mesh)  # noqa: E731
-    per_step = lambda v: rows(jnp.broadcast_to(v[:, None], (k_steps, b)))  # noqa: E731
-    return (rows(traj[:-1]), per_step(coeffs.tau), {f: per_step(getattr(coeffs, f)) for f in fields},
-            tuple(rows(jnp.broadcast_to(c[None], (k_steps,) + c.shape)) for c in cond))
-  x = traj[:-1].reshape((k_steps * b,) + traj.shape[2:])
-  rows = {f: jnp.repeat(getattr(coeffs, f), b) for f in fields}
-  return x, jnp.repeat(coeffs.tau, b), rows, losses._tile_cond(cond, k_steps)
+  return (sharding_lib.rows_by_device(traj[:-1], mesh), per_row(coeffs.tau),
+          {f: per_row(getattr(coeffs, f)) for f in fields},
+          tuple(sharding_lib.rows_of_paths(c, k_steps, mesh) for c in cond))

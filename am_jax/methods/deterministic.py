@@ -132,20 +132,13 @@ def deterministic_am(config: losses.AMConfig = losses.AMConfig(), truncation: fl
     a_next = adj[1:].reshape((n_win * batch,) + traj.shape[2:])
     target = regulariser_target(reg, schedule, a_next, jnp.repeat(coeffs.tau[idx[n_anchor:]], batch))
     target = jnp.concatenate([jnp.zeros((n_anchor * batch,) + traj.shape[2:]), target], axis=0)
-    blocks = n
-    if mesh is not None and sharding_lib.num_devices(mesh) > 1:
-      # The network's rows device by device (sharding.rows_by_device): each device evaluates its own n B / G rows;
-      # the plain reshape made XLA gather all n B of them on every device.  The target follows the same order.
-      rows = lambda z: sharding_lib.rows_by_device(z, mesh)  # noqa: E731
-      x = rows(traj[idx])
-      tau = rows(jnp.broadcast_to(coeffs.tau[idx][:, None], (n, batch)))
-      cond_n = tuple(rows(jnp.broadcast_to(c[None], (n,) + c.shape)) for c in cond)
-      target = rows(target.reshape((n, batch) + traj.shape[2:]))
-      blocks = n * sharding_lib.num_devices(mesh)
-    else:
-      x = traj[idx].reshape((n * batch,) + traj.shape[2:])
-      tau = jnp.repeat(coeffs.tau[idx], batch)
-      cond_n = losses._tile_cond(cond, n)
+    # The network's rows device by device (sharding.rows_by_device; the plain reshape on one device): with a mesh
+    # each device evaluates its own n B / G rows instead of all n B.  The target follows the same order.
+    x = sharding_lib.rows_by_device(traj[idx], mesh)
+    tau = sharding_lib.rows_per_step(coeffs.tau[idx], batch, mesh)
+    cond_n = tuple(sharding_lib.rows_of_paths(c, n, mesh) for c in cond)
+    target = sharding_lib.rows_by_device(target.reshape((n, batch) + traj.shape[2:]), mesh)
+    blocks = n * sharding_lib.devices_of(mesh)
     with time_hints.rows_in_time_blocks(blocks):  # n blocks of B rows at tau_k (G n blocks of B / G with a mesh)
       dv = ft_apply_fn(ft_params, x, tau, *cond_n) - jax.lax.stop_gradient(base_apply_fn(base_params, x, tau,
                                                                                          *cond_n))

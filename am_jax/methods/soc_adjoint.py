@@ -85,8 +85,7 @@ def full_adjoint_batch(ft_apply_fn, ft_params, base_apply_fn, base_params, rewar
 def _control_and_drift(ft_apply_fn, params, base_apply_fn, base_params, traj, coeffs, cond, mesh=None):
   """Per-step (u_k, b^ft_k, h_k) at X_k for all k in one batched call: shapes (K B, ...)."""
   x, t, c, cond_k = _common.flat_steps(traj, coeffs, cond, mesh)
-  devices = 1 if mesh is None else sharding_lib.num_devices(mesh)
-  with time_hints.rows_in_time_blocks(coeffs.num_steps * devices):  # K blocks of B rows at tau_k (G K of B / G)
+  with time_hints.rows_in_time_blocks(coeffs.num_steps * sharding_lib.devices_of(mesh)):  # K blocks of B rows at tau_k (G K of B / G)
     v_ft = ft_apply_fn(params, x, t, *cond_k)
     v_base = jax.lax.stop_gradient(base_apply_fn(base_params, x, t, *cond_k))
   u = _bcast((1.0 + c["loss_drift_scale"]) / c["loss_sigma"], x) * (v_ft - v_base)
