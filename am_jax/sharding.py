@@ -135,6 +135,58 @@ def rows_by_device_inverse(rows, lead: int, mesh: Optional[Mesh]):
   return constrain_batch(x.reshape((lead, b) + rows.shape[1:]), mesh, 1)
 
 
+def grad_by_device(fn, mesh: Optional[Mesh], batch_axes, out_axes=0):
+  """``fn(params, *batched) -> outputs`` rewritten so that its gradient in ``params`` is summed over devices once.
+
+  Differentiating a function of the whole sharded batch through a loop (backprop through a ``lax.scan`` rollout:
+  the discrete adjoint, DRaFT) makes XLA all-reduce the parameter cotangent in every iteration of the backward loop
+  (a sum over the sharded batch axis inside it; found in the compiled programs).  Here G = (devices) copies of
+  ``params`` are made, copy g applied to the paths of device g (``jax.vmap`` over the batch split into G contiguous
+  groups): each device accumulates the cotangent of its own copy through the loop, and the transpose of the copy
+  (a sum over G) is the one all-reduce.  Values are those of ``fn`` (the groups merged back in order); one device
+  (or no mesh): ``fn`` itself.
+
+  Args:
+    fn: ``fn(params, *batched)``; must work on any number of paths (B / G per call) and act on each path
+      independently.
+    mesh: the ``('data',)`` mesh the paths are sharded over, or None.
+    batch_axes: one ``jax.vmap`` in_axes prefix per argument of ``batched`` naming each leaf's path axis (None: the
+      same for every path, e.g. shared conditioning or constants).
+    out_axes: ``jax.vmap`` out_axes prefix of the outputs naming their path axis (None: not per path; then the
+      output of group 0 is returned, which must equal every group's).
+  """
+  g = devices_of(mesh)
+  if g == 1:
+    return fn
+
+  def split(axis, z):
+    if axis is None:
+      return z
+    if z.shape[axis] % g:
+      raise ValueError(f"grad_by_device: a path axis of size {z.shape[axis]} does not split over the {g} devices "
+                       "of the mesh.")
+    return constrain_batch(z.reshape(z.shape[:axis] + (g, z.shape[axis] // g) + z.shape[axis + 1:]), mesh, axis)
+
+  def prefix_map(fn_leaf, axes, tree):  # fn_leaf(axis, leaf) for every leaf below each entry of the prefix ``axes``
+    return jax.tree.map(lambda a, sub: jax.tree.map(lambda z: fn_leaf(a, z), sub), axes, tree,
+                        is_leaf=lambda x: x is None)
+
+  def merge(axis, z):
+    if axis is None:
+      return z[0]
+    return constrain_batch(z.reshape(z.shape[:axis] + (-1,) + z.shape[axis + 2:]), mesh, axis)
+
+  def wrapped(params, *batched):
+    if len(batched) != len(batch_axes):
+      raise ValueError(f"grad_by_device: {len(batched)} batched arguments, {len(batch_axes)} batch_axes.")
+    copies = jax.tree.map(lambda z: constrain_batch(jnp.broadcast_to(z, (g,) + jnp.shape(z)), mesh, 0), params)
+    groups = [prefix_map(split, a, b) for a, b in zip(batch_axes, batched)]
+    out = jax.vmap(fn, in_axes=(0,) + tuple(batch_axes), out_axes=out_axes)(copies, *groups)
+    return prefix_map(merge, out_axes, out)
+
+  return wrapped
+
+
 def to_local(tree):
   """Host NumPy copy of a (replicated) global pytree; works when it spans several processes."""
   import numpy as np

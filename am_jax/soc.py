@@ -415,9 +415,14 @@ def am_objective(control_apply: Callable, params, problem: SOCProblem, key, batc
 
 
 def discrete_adjoint_objective(control_apply: Callable, params, problem: SOCProblem, key, batch: int, *, mesh=None):
-  """Mean cost of a batch; its gradient is backprop through the discretised SDE with fixed noise."""
+  """Mean cost of a batch; its gradient is backprop through the discretised SDE with fixed noise.
+
+  mesh: shards the paths; each device then backpropagates through its own paths with its own copy of the
+  parameters and the copies' gradients are summed once (``sharding.grad_by_device``).
+  """
   x0, noise = draw_initial_and_noise(problem, key, batch, mesh)
-  _, _, cost = rollout(problem, control_apply, params, x0, noise)
+  cost_fn = lambda p, x, xi: rollout(problem, control_apply, p, x, xi)[2]  # noqa: E731
+  cost = sharding_lib.grad_by_device(cost_fn, mesh, (0, 1))(params, x0, noise)
   loss = jnp.mean(cost)
   return loss, {"loss": loss, "objective": jax.lax.stop_gradient(loss)}
 

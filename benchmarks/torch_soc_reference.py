@@ -72,6 +72,7 @@ import optax
 from flax import nnx
 
 from am_jax import launch, soc, soc_training
+from am_jax import sharding as sharding_lib
 from benchmarks import common
 from benchmarks import torch_reference as tr
 
@@ -109,9 +110,11 @@ class JaxSide:
   def objective(self):
     return soc_training.method_objective("am", self.config)
 
-  def make_step(self):
-    """``soc_training.make_train_step``: jitted ``step(params, opt_state, key) -> (params, opt_state, loss)``."""
-    return soc_training.make_train_step(self.objective(), self.problem, self.apply_fn, self.optimizer, self.batch)
+  def make_step(self, mesh=None):
+    """``soc_training.make_train_step``: jitted ``step(params, opt_state, key) -> (params, opt_state, loss)``; with a
+    mesh the paths are sharded over its devices (``--config.num_devices``)."""
+    return soc_training.make_train_step(self.objective(), self.problem, self.apply_fn, self.optimizer, self.batch,
+                                        mesh=mesh)
 
 
 def build_jax(name: str, net: str = "socm", *, batch: int = 0, num_steps: int = 0, hidden=None, seed: int = 0,
@@ -138,11 +141,14 @@ def build_jax(name: str, net: str = "socm", *, batch: int = 0, num_steps: int = 
   return JaxSide(name, net, config, problem, apply_fn, params, soc_training.make_optimizer(config))
 
 
-def jax_runner(side: JaxSide):
-  """(run, compile_s): ``run()`` advances the am_jax train step by one step (the keys of ``train_method``)."""
-  step = side.make_step()
-  holder = [jax.tree.map(jnp.copy, side.params), None, jax.random.PRNGKey(side.config.seed + 1)]
-  holder[1] = side.optimizer.init(holder[0])
+def jax_runner(side: JaxSide, mesh=None):
+  """(run, compile_s): ``run()`` advances the am_jax train step by one step (the keys of ``train_method``); with a
+  mesh, the step of ``--config.num_devices`` (paths sharded over the mesh, parameters replicated)."""
+  step = side.make_step(mesh)
+  params = jax.tree.map(jnp.copy, side.params)
+  if mesh is not None:
+    params = sharding_lib.replicate_tree(params, mesh)
+  holder = [params, side.optimizer.init(params), jax.random.PRNGKey(side.config.seed + 1)]
 
   def run():
     holder[2], sub = jax.random.split(holder[2])
@@ -514,11 +520,17 @@ def _speedups(times, num, den, key):
   return tr._summary([b / a for a, b in zip(times[num][key], times[den][key])])  # pylint: disable=protected-access
 
 
-def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm_adjoint=True, device="cpu") -> dict:
-  """am_jax (jax's default device) against torch on ``device`` (CPU: one AM run per thread count in ``threads``)."""
+def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm_adjoint=True, device="cpu",
+               jax_devices: int = 1) -> dict:
+  """am_jax (jax's default device) against torch on ``device`` (CPU: one AM run per thread count in ``threads``).
+
+  jax_devices > 1: also am_jax's step with the paths sharded over that many devices (``--config.num_devices``; on a
+  CPU, XLA host devices, one per core: ``jax_host_devices``), timed in the same rounds ("am_jax_<n>dev").
+  """
   torch = _torch()
   settings = tr.torch_settings(threads, device)
-  out = {"machine": common.machine_info(), "torch": torch.__version__, "threads": list(settings),
+  mesh = sharding_lib.make_mesh(jax_devices) if jax_devices > 1 else None
+  out = {"jax_devices": jax_devices, "machine": common.machine_info(), "torch": torch.__version__, "threads": list(settings),
          "torch_device": tr._device_name(device), "jax_device": jax.devices()[0].device_kind,  # pylint: disable=protected-access
          "rounds": rounds, "iters": iters, "load_average": tr._load_average(), "rows": [], "skipped": []}  # pylint: disable=protected-access
   for net in nets:
@@ -531,6 +543,9 @@ def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm
         continue
       runs = {}
       runs["am_jax"], compile_s = jax_runner(side)
+      multi = f"am_jax_{jax_devices}dev"
+      if mesh is not None:
+        runs[multi] = jax_runner(side, mesh)[0]
       if side.config.get("chunk_loss", 0):  # the same step with the loss in one call at all K B rows, beside it
         runs["am_jax_one_call"] = jax_runner(build_jax(name, net, chunk_loss=0))[0]
       for label, n in settings.items():
@@ -554,7 +569,7 @@ def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm
              "compile_s": compile_s, "step_s": {k: v["median_s"] for k, v in times.items()},
              "cpu_s": {k: v["cpu_median_s"] for k, v in times.items()}, "times": times, "speedup": {}}
       for other in runs:
-        if other != "am_jax":
+        if other not in ("am_jax", multi):
           row["speedup"][other] = {"wall": _speedups(times, "am_jax", other, "round_medians_s"),
                                    "cpu": _speedups(times, "am_jax", other, "cpu_round_medians_s")}
       am_runs = [f"torch_am_{label}" for label in settings]
@@ -565,6 +580,14 @@ def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm
         if "am_jax_one_call" in times:
           row.setdefault("one_call_speedup_best_torch_am", {})[label] = tr._summary(  # pylint: disable=protected-access
               [b / a for a, b in zip(times["am_jax_one_call"][key], best)])
+        if multi in times:
+          row.setdefault("multi_device", {"devices": jax_devices, "speedup": {}}).setdefault(
+              "best_torch_am", {})[label] = tr._summary([b / a for a, b in zip(times[multi][key], best)])  # pylint: disable=protected-access
+      if multi in times:
+        for other in runs:
+          if other != multi:
+            row["multi_device"]["speedup"][other] = {"wall": _speedups(times, multi, other, "round_medians_s"),
+                                                     "cpu": _speedups(times, multi, other, "cpu_round_medians_s")}
       row["chunk_loss"] = int(side.config.get("chunk_loss", 0))
       out["rows"].append(row)
       print(_line(row), flush=True)
@@ -577,6 +600,10 @@ def _line(row):
   for k, v in row["speedup"].items():
     if k in s:
       parts.append(f"{k} {1e3 * s[k]:8.1f} ms: x{v['wall']['median']:.2f} wall, x{v['cpu']['median']:.2f} cpu")
+  if "multi_device" in row:
+    best = row["multi_device"]["best_torch_am"]
+    parts.append(f"on {row['multi_device']['devices']} devices vs faster torch AM: x{best['wall']['median']:.2f} wall, "
+                 f"x{best['cpu']['median']:.2f} cpu")
   return "  |  ".join(parts)
 
 
@@ -628,6 +655,26 @@ def timing_markdown(out) -> str:
       lines.append(f"| {row['problem']} | {row['net']} | {row['chunk_loss']} | "
                    f"{1e3 * row['cpu_s']['am_jax_one_call']:.1f} | {_fmt(sp['wall'])} | {_fmt(oc['cpu'])} | "
                    f"{_fmt(oc['wall'])} |")
+  multi = [row for row in out["rows"] if "multi_device" in row]
+  if multi:
+    n = multi[0]["multi_device"]["devices"]
+    lines += ["", f"am_jax's step with the paths sharded over {n} devices (`--jax_devices={n}`: XLA host devices, one "
+              "per core, `--config.num_devices`), in the same rounds.  Wall clock is the measure here (its point is "
+              "to keep both cores busy, and CPU time counts both); speed-up = torch / am_jax on "
+              f"{n} devices, median (min-max) over the rounds:", "",
+              f"| problem | net | am_jax ms, wall | am_jax on {n} devices ms, wall | its speed-up over 1 device, wall | "
+              + " | ".join(f"vs torch AM {t}, wall | CPU" for t in threads) + " | vs faster torch AM, wall | CPU |",
+              "|---|---|---|---|---|" + "---|---|" * len(threads) + "---|---|"]
+    for row in multi:
+      md, w = row["multi_device"], row["step_s"]
+      key = f"am_jax_{md['devices']}dev"
+      cells = [row["problem"], row["net"], f"{1e3 * w['am_jax']:.1f}", f"{1e3 * w[key]:.1f}",
+               _fmt(md["speedup"]["am_jax"]["wall"])]
+      for t in threads:
+        sp = md["speedup"][f"torch_am_{t}"]
+        cells += [_fmt(sp["wall"]), _fmt(sp["cpu"])]
+      cells += [_fmt(md["best_torch_am"]["wall"]), _fmt(md["best_torch_am"]["cpu"])]
+      lines.append("| " + " | ".join(cells) + " |")
   for s in out.get("skipped", []):
     lines.append(f"\n{s['problem']} net={s['net']}: skipped ({s['why']}).")
   slow = [n for n in threads[1:] if n.endswith("t") and threads[0].endswith("t") and all(r["cpu_s"][f"torch_am_{n}"] > 3 * r["cpu_s"][f"torch_am_{threads[0]}"]
@@ -647,25 +694,31 @@ def timing_markdown(out) -> str:
 FLOOR_PARTS = ("all", "rollout", "loss_fwd", "loss")  # all = rollout + loss
 
 
-def jax_floor_runner(side: JaxSide, part: str = "all"):
+def jax_floor_runner(side: JaxSide, part: str = "all", mesh=None):
   """(run, compile_s) of the network work of one AM step with no solver around it, jitted.
 
   part: 'rollout' = K forwards of the control at batch B (a scan carrying x <- x + h u, so none can be dropped);
   'loss' = value_and_grad of sum |u|^2 at the K B loss points (fixed random states); 'loss_fwd' = its forward only;
-  'all' = rollout + loss (the floor).
+  'all' = rollout + loss (the floor).  mesh: the rollout's B paths sharded over its devices (part 'rollout' only:
+  what the rollout of the multi-device step costs).
   """
+  if mesh is not None and part != "rollout":
+    raise ValueError(f"jax_floor_runner: a mesh is for part 'rollout', got part {part!r}.")
   problem, apply_fn, b = side.problem, side.apply_fn, side.batch
   h, ts = problem.dt, problem.times()[:-1]
   x0 = jnp.zeros((b, problem.dim), jnp.float32)
+  params = side.params
+  if mesh is not None:
+    x0, params = jax.device_put(x0, sharding_lib.batch_sharding(mesh, 2, 0)), sharding_lib.replicate_tree(params, mesh)
   xs = jax.random.normal(jax.random.PRNGKey(3), (problem.num_steps * b, problem.dim), jnp.float32)
   tl = jnp.repeat(ts, b)
 
   @jax.jit
-  def floor(params):
+  def floor(params, x0):
     out = {}
     if part in ("all", "rollout"):
       def fwd(x, t):
-        return x + h * apply_fn(params, x, jnp.full((b,), t)), None
+        return x + h * apply_fn(params, x, jnp.full((x.shape[0],), t)), None
 
       out["x_end"] = jax.lax.scan(fwd, x0, ts)[0]
     if part in ("all", "loss"):
@@ -675,8 +728,8 @@ def jax_floor_runner(side: JaxSide, part: str = "all"):
     return out
 
   t0 = time.perf_counter()
-  jax.block_until_ready(floor(side.params))
-  return (lambda: floor(side.params)), time.perf_counter() - t0
+  jax.block_until_ready(floor(params, x0))
+  return (lambda: floor(params, x0)), time.perf_counter() - t0
 
 
 def forward_flops(side: JaxSide) -> float:
@@ -747,9 +800,14 @@ def torch_floor_runner(ref: TorchSOC, threads: Optional[int], part: str = "all")
   return run
 
 
-def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",), device="cpu") -> dict:
+def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",), device="cpu",
+              jax_devices: int = 1) -> dict:
   """am_jax and torch (``threads``; on ``device``) steps interleaved with their network-work floors (and the floors'
-  ``parts``); CPU-time ratios per round (on a GPU: wall-clock ratios, ``wall``)."""
+  ``parts``); CPU-time ratios per round (on a GPU: wall-clock ratios, ``wall``).
+
+  jax_devices > 1 (with 'rollout' in parts): also am_jax's step and its rollout with the paths sharded over that many
+  devices, and the lower bound with that rollout (``bound_multi``).
+  """
   torch = _torch()
   on_cpu = torch.device(device).type == "cpu"
   if on_cpu:
@@ -759,7 +817,10 @@ def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",)
   out = {"machine": common.machine_info(), "torch": torch.__version__, "threads": threads,
          "torch_device": tr._device_name(device), "jax_device": jax.devices()[0].device_kind,  # pylint: disable=protected-access
          "rounds": rounds,
-         "iters": iters, "net": net, "parts": list(parts), "load_average": tr._load_average(), "rows": []}  # pylint: disable=protected-access
+         "iters": iters, "net": net, "parts": list(parts), "load_average": tr._load_average(), "rows": [],  # pylint: disable=protected-access
+         "jax_devices": jax_devices}
+  mesh = sharding_lib.make_mesh(jax_devices) if jax_devices > 1 and "rollout" in parts else None
+  multi, multi_rollout = f"am_jax_{jax_devices}dev", f"am_jax_floor_rollout_{jax_devices}dev"
   for name in problems:
     side = build_jax(name, net)
     if torch_supported(side.config):
@@ -770,6 +831,8 @@ def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",)
       suffix = "" if part == "all" else "_" + part
       runs["am_jax_floor" + suffix] = jax_floor_runner(side, part)[0]
       runs["torch_floor" + suffix] = torch_floor_runner(TorchSOC(side, device=device), threads, part)
+    if mesh is not None:
+      runs[multi], runs[multi_rollout] = jax_runner(side, mesh)[0], jax_floor_runner(side, "rollout", mesh)[0]
     times = tr.interleaved(runs, rounds, iters)
     key = "cpu_round_medians_s" if on_cpu else "round_medians_s"  # a GPU's work is not the host's CPU time
     ratio = lambda a, b: tr._summary([x / y for x, y in zip(times[a][key], times[b][key])])  # noqa: E731  pylint: disable=protected-access
@@ -787,6 +850,10 @@ def run_floor(problems, rounds=5, iters=2, net="socm", threads=1, parts=("all",)
       row["bound"] = step_lower_bound(rollout["median_s"], forward_flops(side), out.setdefault("peak_flops",
                                                                                                 dot_peak_flops()))
       row["bound"]["rollout_cpu_over_wall"] = rollout["cpu_median_s"] / rollout["median_s"]
+      if mesh is not None:
+        rollout = times[multi_rollout]
+        row["bound_multi"] = dict(step_lower_bound(rollout["median_s"], row["bound"]["unit_flops"], out["peak_flops"]),
+                                  devices=jax_devices, rollout_cpu_over_wall=rollout["cpu_median_s"] / rollout["median_s"])
     out["rows"].append(row)
     print(f"{name}: cpu ms " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in row["cpu_s"].items())
           + "; torch / am_jax " + ", ".join(f"{k} {_fmt(v)}" for k, v in row["torch_over_am_jax"].items()), flush=True)
@@ -847,6 +914,24 @@ def floor_markdown(out) -> str:
                    f"{1e3 * b['bound_reuse_s']:.1f} | {1e3 * b['bound_recompute_s']:.1f} | {1e3 * w['am_jax']:.1f} | "
                    f"{1e3 * w['torch_am']:.1f} | {w['torch_am'] / b['bound_reuse_s']:.2f} | "
                    f"{w['torch_am'] / b['bound_recompute_s']:.2f} | {w['torch_am'] / w['am_jax']:.2f} |")
+  multi = [row for row in bounds if "bound_multi" in row]
+  if multi:
+    n = multi[0]["bound_multi"]["devices"]
+    lines += ["", f"The same bound with the rollout's paths sharded over {n} devices (`--jax_devices={n}`: XLA host "
+              "devices, one per core, so the sequential rollout runs on every core), beside am_jax's step on "
+              f"{n} devices (`--config.num_devices={n}`), same rounds:", "",
+              f"| problem | rollout on {n} devices ms (GFLOP/s, CPU / wall) | bound, fwd reused ms | bound, fwd recomputed "
+              f"ms | am_jax step on {n} devices ms | torch AM step ms | torch / bound (reused) | torch / bound "
+              f"(recomputed) | torch / am_jax on {n} devices |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in multi:
+      b, w = row["bound_multi"], row["wall_s"]
+      step = w[f"am_jax_{n}dev"]
+      lines.append(f"| {row['problem']} | {1e3 * b['rollout_wall_s']:.1f} ({b['rollout_flops_per_s'] / 1e9:.0f}, "
+                   f"{b['rollout_cpu_over_wall']:.2f}) | {1e3 * b['bound_reuse_s']:.1f} | "
+                   f"{1e3 * b['bound_recompute_s']:.1f} | {1e3 * step:.1f} | {1e3 * w['torch_am']:.1f} | "
+                   f"{w['torch_am'] / b['bound_reuse_s']:.2f} | {w['torch_am'] / b['bound_recompute_s']:.2f} | "
+                   f"{w['torch_am'] / step:.2f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -954,10 +1039,32 @@ def training_markdown(out) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def jax_host_devices(n: int) -> int:
+  """Makes jax see ``n`` devices: on a CPU, ``n`` XLA host devices (``--xla_force_host_platform_device_count``, set
+  here before jax starts its backend unless XLA_FLAGS already sets it); returns ``jax.device_count()``.
+
+  Raises ValueError naming ``--jax_devices`` if n < 1 or jax has fewer than n devices.
+  """
+  if n < 1:
+    raise ValueError(f"--jax_devices={n}: must be >= 1.")
+  flags_env = os.environ.get("XLA_FLAGS", "")
+  if n > 1 and "xla_force_host_platform_device_count" not in flags_env:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if xla_bridge.backends_are_initialized():
+      raise ValueError(f"--jax_devices={n}: jax's backend is already started; set XLA_FLAGS="
+                       f"--xla_force_host_platform_device_count={n} before the process starts.")
+    os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={n}".strip()
+  count = jax.device_count()
+  if count < n:
+    raise ValueError(f"--jax_devices={n}: jax has {count} {jax.default_backend()} device(s).")
+  return count
+
+
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  jax_host_devices(f.jax_devices)
   prefix = os.path.join(f.out_dir, f.out_name)
   # Parts not run now are kept from an earlier run's file (timing and training are separate commands).
   result = {}
@@ -966,10 +1073,12 @@ def main(argv):
       result = json.load(fh)
   if f.rounds > 0:
     result["timing"] = run_timing([p for p in f.problems if p], [n for n in f.nets if n],
-                                  tuple(int(n) for n in f.threads), f.rounds, f.iters, f.socm_adjoint, f.torch_device)
+                                  tuple(int(n) for n in f.threads), f.rounds, f.iters, f.socm_adjoint, f.torch_device,
+                                  jax_devices=f.jax_devices)
   if f.floor_rounds > 0:
     result["floor"] = run_floor([p for p in f.problems if p], f.floor_rounds, f.iters, threads=f.floor_threads,
-                                parts=tuple(p for p in f.floor_parts if p), device=f.torch_device)
+                                parts=tuple(p for p in f.floor_parts if p), device=f.torch_device,
+                                jax_devices=f.jax_devices)
   if f.train_iterations > 0:
     result["training"] = run_training([p for p in f.train_problems if p], f.train_iterations, f.train_net,
                                       losses=tuple(l for l in f.train_losses if l),
@@ -1003,6 +1112,8 @@ def _define_flags():
   flags.DEFINE_list("train_seeds", ["0"], "Seeds of the training comparison (each: same initial weights both sides).")
   flags.DEFINE_string("out_dir", "benchmarks/results", "Where the .json / .md go.")
   flags.DEFINE_string("out_name", "torch_soc_reference_cpu", "File name (without extension) of the results.")
+  flags.DEFINE_integer("jax_devices", 1, "Also time am_jax's step with the paths sharded over this many devices "
+                       "(on a CPU: XLA host devices, one per core, set up here; 1: not).")
   flags.DEFINE_string("torch_device", "cpu", "Device of the torch reference ('cpu' or 'cuda'; --threads is for "
                       "'cpu').  am_jax runs on jax's default device.")
 

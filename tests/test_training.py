@@ -83,6 +83,47 @@ def test_replicate_tree_copies_so_donation_keeps_the_callers_arrays():
     np.testing.assert_array_equal(np.asarray(x), np.arange(32.0))
 
 
+def test_grad_by_device_matches_the_plain_gradient_with_one_all_reduce():
+  """sharding.grad_by_device: backprop through a scan over 8-way sharded paths gives fn's values and gradient
+  (per-path and shared arguments, several outputs), with no all-reduce inside the loop (the plain gradient has one
+  there); one device returns fn itself; a path axis that does not split is a one-line error."""
+  mesh = sharding.make_mesh(8)
+  w = {"a": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.arange(4.0) / 4}
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (16, 3))
+  noise = jax.random.normal(jax.random.PRNGKey(1), (5, 16, 4))
+  shift = jnp.float32(0.3)  # shared by every path
+
+  def roll(p, x, xi, c):
+    def body(y, e):
+      z = jnp.tanh(y @ p["a"] + p["b"] + e + c)
+      return y + 0.1 * z @ p["a"].T, jnp.sum(z**2, -1)
+    return jax.lax.scan(body, x, xi)
+
+  def loss(fn, p, x, xi):
+    x1, costs = fn(p, x, xi, shift)
+    return jnp.mean(jnp.sum(x1**2, -1)) + jnp.mean(jnp.sum(costs, 0))
+
+  by_device = sharding.grad_by_device(roll, mesh, (0, 1, None), out_axes=(0, 1))
+  assert sharding.grad_by_device(roll, None, (0, 1, None)) is roll
+  assert sharding.grad_by_device(roll, sharding.make_mesh(1), (0, 1, None)) is roll
+  xs = (sharding.constrain_batch(x0, mesh, 0), sharding.constrain_batch(noise, mesh, 1))
+  put = lambda x, ax: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim, ax))  # noqa: E731
+  args = (sharding.replicate_tree(w, mesh), put(x0, 0), put(noise, 1))
+  want = jax.jit(jax.value_and_grad(lambda p, x, xi: loss(roll, p, x, xi)))(w, x0, noise)
+  for fn, loops in ((roll, True), (by_device, False)):
+    f = jax.jit(jax.value_and_grad(lambda p, x, xi: loss(fn, p, x, xi)))
+    assert (while_body_ops(f.lower(*args).compile().as_text(), "all-reduce") > 0) == loops
+    got = f(*args)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  x1, costs = jax.jit(by_device)(w, *xs, shift)
+  np.testing.assert_allclose(np.asarray(costs), np.asarray(roll(w, x0, noise, shift)[1]), rtol=1e-5, atol=1e-6)
+  assert x1.shape == (16, 3) and costs.shape == (5, 16)
+  with pytest.raises(ValueError, match="does not split over the 8 devices"):
+    by_device(w, x0[:12], noise[:, :12], shift)
+
+
 def test_rows_by_device_order_and_inverse():
   """(L, B, ...) -> rows device by device: device g's block holds its B / G paths at every leading index; the
   inverse restores the array; without a mesh it is the plain reshape."""

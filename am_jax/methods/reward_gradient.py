@@ -44,8 +44,13 @@ def draft(config: losses.AMConfig = losses.AMConfig(), k: int = 1) -> _common.Ob
       x_mid = x0
     x_mid = sharding_lib.constrain_batch(jax.lax.stop_gradient(x_mid), mesh, 0)
     tail = _common.slice_coeffs(coeffs, k_steps - k, k_steps)
-    traj = sampling.simulate(lambda x, t: ft_apply_fn(ft_params, x, t, *cond), x_mid, zeros[head.num_steps:], tail)
-    x1 = sharding_lib.constrain_batch(traj[-1], mesh, 0)
+
+    def last_steps(params, x, zeros, cond):  # any number of paths: each device's own with a mesh
+      return sampling.simulate(lambda y, t: ft_apply_fn(params, y, t, *cond), x, zeros, tail)[-1]
+
+    # Each device backpropagates through its own paths (sharding.grad_by_device: one all-reduce of the gradient, not
+    # one per step of the backward loop); conditioning is per path (axis 0).
+    x1 = sharding_lib.grad_by_device(last_steps, mesh, (0, 1, 0))(ft_params, x_mid, zeros[head.num_steps:], cond)
     rewards = reward_fn(x1, *cond)
     loss = -config.reward_multiplier * jnp.mean(rewards)
     return loss, {"loss": loss, "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards)}

@@ -141,17 +141,22 @@ def discrete_adjoint(config: losses.AMConfig = losses.AMConfig()) -> _common.Obj
     coeffs = config.coefficients()
     x0, noise = _common.initial_state(key, x_shape, config.num_steps, mesh)
     batch = x0.shape[0]
+    base_sg = jax.lax.stop_gradient(base_params)
 
-    def body(x, k):
-      t_k = sampling.step_time(coeffs, k, batch)
-      v_ft = ft_apply_fn(ft_params, x, t_k, *cond)
-      v_base = base_apply_fn(jax.lax.stop_gradient(base_params), x, t_k, *cond)
-      u = (1.0 + coeffs.loss_drift_scale[k]) * (v_ft - v_base) / coeffs.loss_sigma[k]
-      x_next = (x + coeffs.dt[k] * sampling.step_drift(v_ft, x, coeffs, k)
-                + coeffs.sigma[k] * jnp.sqrt(coeffs.dt[k]) * noise[k])
-      return sharding_lib.constrain_batch(x_next, mesh, 0), coeffs.dt[k] * 0.5 * _common.sqnorm(u)
+    def simulate(params, x0, noise, cond):  # any number of paths: each device's own with a mesh
+      def body(x, k):
+        t_k = sampling.step_time(coeffs, k, x.shape[0])
+        v_ft = ft_apply_fn(params, x, t_k, *cond)
+        v_base = base_apply_fn(base_sg, x, t_k, *cond)
+        u = (1.0 + coeffs.loss_drift_scale[k]) * (v_ft - v_base) / coeffs.loss_sigma[k]
+        x_next = (x + coeffs.dt[k] * sampling.step_drift(v_ft, x, coeffs, k)
+                  + coeffs.sigma[k] * jnp.sqrt(coeffs.dt[k]) * noise[k])
+        return x_next, coeffs.dt[k] * 0.5 * _common.sqnorm(u)
+      return jax.lax.scan(body, x0, jnp.arange(coeffs.num_steps))
 
-    x1, costs = jax.lax.scan(body, x0, jnp.arange(coeffs.num_steps))
+    # Each device backpropagates through its own paths (sharding.grad_by_device: one all-reduce of the gradient, not
+    # one per step of the backward loop); conditioning is per path (axis 0).
+    x1, costs = sharding_lib.grad_by_device(simulate, mesh, (0, 1, 0), out_axes=(0, 1))(ft_params, x0, noise, cond)
     rewards = reward_fn(x1, *cond)
     chex.assert_shape(rewards, (batch,))
     control_cost = jnp.mean(jnp.sum(costs, axis=0))

@@ -102,7 +102,10 @@ def test_every_method_runs_in_the_sharded_production_step(name):
 def test_every_method_evaluates_only_its_own_paths_on_each_device(name):
   """8 devices, B = 64 paths: no matrix product of the compiled step has B or more rows (each device holds B / 8
   paths; the stacked K B or M B rows of a one-call loss were gathered onto every device before
-  ``sharding.rows_by_device``), while the one-device step has them; and the first losses agree."""
+  ``sharding.rows_by_device``), while the one-device step has them; no all-reduce inside a loop (backprop through
+  the sampling loop, discrete_adjoint and draft, all-reduced the gradient once per step of it before
+  ``sharding.grad_by_device``); and the first losses agree."""
+  from tests.hlo_checks import while_body_ops  # pylint: disable=g-import-not-at-top
   ring, base, params, problem = _ring_problem()
   objective = helpers.small(name)
   opt = training.make_optimizer("adam", 1e-2)
@@ -117,5 +120,6 @@ def test_every_method_evaluates_only_its_own_paths_on_each_device(name):
     rows = {int(m.group(1)) for line in hlo.splitlines() if " dot(" in line or "kCustom" in line
             for m in [re.search(r"= f32\[(\d+)[,\]]", line)] if m}
     assert (max(rows) >= 64) == (n == 1), (n, sorted(rows))
+    assert while_body_ops(hlo, "all-reduce") == 0, n
     loss[n] = float(step(state, bp)[1]["loss"])
   np.testing.assert_allclose(loss[8], loss[1], rtol=1e-4)
