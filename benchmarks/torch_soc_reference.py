@@ -5,6 +5,8 @@ r"""A PyTorch eager reference of Adjoint Matching for SOC, and am_jax / torch pe
         --train_losses=am,socm_adjoint                # each step against its network-work floor; train both from the
                                                       # same weights, am_jax's L2 metric on both (parts not run are
                                                       # kept from the results file)
+    python -m benchmarks.torch_soc_reference --jax_devices=2   # also am_jax with the paths over 2 XLA host devices
+                                                      # (one per core; set up before jax starts) in the same rounds
 
 Needs the optional extra ``pip install -e ".[torch]"`` (any CPU build of torch >= 2.1); nothing in ``am_jax`` or the
 default tests imports torch (``tests/test_torch_soc_reference.py`` is skipped without it).  The SOC-matching authors'
