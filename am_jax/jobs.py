@@ -350,9 +350,11 @@ def pretrain(cfg, workdir: str, stop_after: Optional[int] = None) -> dict:
     progress = reporting.Progress("pretrain", pc.steps, start)
     cfg_dict = cfg.to_dict()
     done = start
+    limit = sharding.InFlightLimit(mesh)  # several CPU host devices: bounded asynchronous dispatch (no deadlock)
     for s in range(start, pc.steps):
       with _blaming_nonfinite("pretrain", s + 1, ckpt):
         state, m = step_fn(state, data_dev)
+        limit(m)  # the metrics: the state is donated to the next step
         done = s + 1
         ckpt.save(done, state, cfg_dict)
         if _log_step(done, pc.log_every, pc.steps, start):
@@ -486,9 +488,11 @@ def finetune(cfg, workdir: str, stop_after: Optional[int] = None, return_state: 
     cfg_dict = cfg.to_dict()
     done = start
     t_loop = time.perf_counter()
+    limit = sharding.InFlightLimit(mesh)  # several CPU host devices: bounded asynchronous dispatch (no deadlock)
     for s in range(start, fc.steps):
       with _blaming_nonfinite("finetune", s + 1, ckpt):
         state, m = step_fn(state, base_params)
+        limit(m)  # the metrics: the state is donated to the next step
         done = s + 1
         ckpt.save(done, state, cfg_dict)
         if _log_step(done, fc.log_every, fc.steps, start):

@@ -315,12 +315,14 @@ def train_method(method: str, problem: soc.SOCProblem, config, on_record: Option
 
   log_eval(0)
   it = 0
+  limit = sharding_lib.InFlightLimit(mesh)  # several CPU host devices: bounded asynchronous dispatch (no deadlock)
   while it < config.num_iterations and train_seconds < budget:
     segment = min(config.eval_every - it % config.eval_every, config.num_iterations - it)
     start = time.perf_counter()
     for _ in range(segment):
       key, sub = jax.random.split(key)
       params, opt_state, loss = step(params, opt_state, sub)
+      limit(loss)  # not the params: they may be donated to the next step
       if ema is not None:
         ema = ema_update(ema, params)
       it += 1
