@@ -666,7 +666,8 @@ def validate_mesh(cfg):
   n = require(cfg, "mesh.num_devices", lambda v: isinstance(v, int) and (v == -1 or v > 0), "-1 (all) or > 0")
   if n > jax.device_count():
     raise ConfigError(f"config.mesh.num_devices = {n}: only {jax.device_count()} device(s) visible "
-                      f"({jax.devices()[0].platform}); use -1 for all of them.")
+                      f"({jax.devices()[0].platform}); use -1 for all of them"
+                      f"{sharding_lib.host_devices_hint(n)}.")
 
 
 def validate_checkpoint(cfg, path: str):

@@ -39,11 +39,21 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
   devices = jax.devices()
   n = len(devices) if num_devices in (None, -1, 0) else int(num_devices)
   if n < 1 or n > len(devices):
-    raise ValueError(f"mesh.num_devices must be in [1, {len(devices)}] (or -1 for all), got {num_devices}.")
+    raise ValueError(f"mesh.num_devices must be in [1, {len(devices)}] (or -1 for all), got {num_devices}"
+                     f"{host_devices_hint(n)}.")
   if jax.process_count() > 1 and n != len(devices):
     raise ValueError("With several processes the mesh must span all devices (mesh.num_devices = -1).")
   kwargs = {"axis_types": (AxisType.Auto,)} if AxisType is not None else {}
   return jax.make_mesh((n,), (DATA_AXIS,), devices=devices[:n], **kwargs)
+
+
+def host_devices_hint(n: int) -> str:
+  """'; on a CPU, XLA_FLAGS=... gives n host devices' when jax runs on a CPU and n > 1 (else ''): the end of an error
+  that asked for more devices than jax has."""
+  if n > 1 and jax.default_backend() == "cpu":
+    return (f"; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={n} set before the run gives {n} host "
+            "devices")
+  return ""
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

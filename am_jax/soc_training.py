@@ -97,8 +97,7 @@ def validate_config(config) -> None:
                      "chunk of the AM loss; 0: one call).")
   devices = config.get("num_devices", 1)
   if isinstance(devices, bool) or int(devices) != devices or not (devices == -1 or 1 <= devices <= jax.device_count()):
-    hint = (f"; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={devices} set before the run gives that many "
-            "host devices" if jax.default_backend() == "cpu" and isinstance(devices, int) and devices > 1 else "")
+    hint = sharding_lib.host_devices_hint(int(devices)) if isinstance(devices, int) else ""
     raise ValueError(f"config.num_devices = {devices!r}: must be -1 (all devices) or in [1, {jax.device_count()}] "
                      f"(the devices the batch of paths is sharded over){hint}.")
   n = jax.device_count() if devices == -1 else int(devices)

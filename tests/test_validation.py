@@ -54,6 +54,7 @@ BAD = [
     ({"checkpoint.verify": "yes"}, "config.checkpoint.verify"),
     ({"mesh.num_devices": 8, "finetune.batch_size": 30}, "config.finetune.batch_size = 30: must be divisible"),
     ({"mesh.num_devices": 8, "pretrain.batch_size": 60}, "config.pretrain.batch_size = 60: must be divisible"),
+    ({"mesh.num_devices": 9}, "config.mesh.num_devices = 9: only 8 device.*xla_force_host_platform_device_count=9"),
 ]
 
 
