@@ -68,7 +68,7 @@ import optax
 from flax import nnx
 
 from am_jax import gmm as gmm_lib
-from am_jax import losses, methods, models, parameterisation, rewards, sampling, schedules, toy
+from am_jax import losses, methods, models, parameterisation, rewards, sampling, schedules, sharding, toy
 from benchmarks import common
 
 LEARNING_RATE = 1e-3
@@ -112,8 +112,11 @@ class JaxSetup:
     return loss, grads
 
   def make_step(self, optimizer=None, network_dtype: Optional[str] = None, chunk_loss: Optional[int] = None,
-                precision: Optional[str] = None):
-    """Jitted ``step(params, opt_state, base_params, key) -> (params, opt_state, loss)`` (params donated)."""
+                precision: Optional[str] = None, mesh=None):
+    """Jitted ``step(params, opt_state, base_params, key) -> (params, opt_state, loss)`` (params donated); with a
+    mesh the batch is sharded over its devices (the objective's ``mesh``)."""
+    if mesh is not None:
+      sharding.check_batch_divisible(self.x_shape[0], mesh, "batch")
     optimizer = optimizer or optax.adam(LEARNING_RATE)
     config = self.config
     if network_dtype is not None:
@@ -122,9 +125,12 @@ class JaxSetup:
       config = dataclasses.replace(config, chunk_loss=chunk_loss)
     objective = methods.am(config)
 
+    mesh_kw = {} if mesh is None else {"mesh": mesh}
+
     def step(params, opt_state, base_params, key):
       def loss_fn(p):
-        return objective(self.ft_apply, p, self.base_apply, base_params, self.reward_fn, key, self.x_shape)
+        return objective(self.ft_apply, p, self.base_apply, base_params, self.reward_fn, key, self.x_shape,
+                         **mesh_kw)
 
       (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -186,12 +192,15 @@ def jax_draws(setup: JaxSetup, key):
   return x0, noise, losses.select_timesteps(k_loss, setup.config)
 
 
-def jax_runner(setup: JaxSetup, **step_kw):
-  """(run, compile_s): ``run()`` advances the donated am_jax step by one step and returns the loss."""
+def jax_runner(setup: JaxSetup, mesh=None, **step_kw):
+  """(run, compile_s): ``run()`` advances the donated am_jax step by one step and returns the loss; with a mesh, the
+  step with the batch sharded over its devices (parameters replicated)."""
   optimizer = optax.adam(LEARNING_RATE)
-  step = setup.make_step(optimizer, **step_kw)
+  step = setup.make_step(optimizer, mesh=mesh, **step_kw)
   params = jax.tree.map(jnp.copy, setup.params)
   base_params = jax.tree.map(jnp.asarray, setup.base_params)
+  if mesh is not None:
+    params, base_params = sharding.replicate_tree((params, base_params), mesh)
   keys = list(jax.random.split(jax.random.PRNGKey(1), 64))
   holder = [params, optimizer.init(params), 0]
   t0 = time.perf_counter()
@@ -507,8 +516,11 @@ def _summary(r):
 
 
 def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, device="cpu", settle: int = 1,
-                  chunk_loss: int = 0) -> dict:
+                  chunk_loss: int = 0, jax_devices: int = 1) -> dict:
   """am_jax (on jax's default device) against torch on ``device`` (CPU: one run per thread count in ``threads``).
+
+  jax_devices > 1: also am_jax's step with the batch sharded over that many devices (on a CPU, XLA host devices,
+  one per core: ``common.jax_host_devices``), timed in the same rounds ("am_jax_<n>dev").
 
   chunk_loss > 0: am_jax's step evaluates the loss in chunks of that many time steps (``AMConfig.chunk_loss``: same
   loss and gradient to float rounding, the chunk's activations stay in the CPU's cache), and the step with the loss
@@ -518,7 +530,10 @@ def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, devi
   settings = torch_settings(threads, device)
   out = {"machine": common.machine_info(), "torch": torch.__version__, "torch_device": _device_name(device),
          "jax_device": jax.devices()[0].device_kind, "threads": list(settings), "rounds": rounds,
-         "iters": iters, "settle": settle, "chunk_loss": chunk_loss, "load_average": _load_average(), "rows": []}
+         "iters": iters, "settle": settle, "chunk_loss": chunk_loss, "load_average": _load_average(), "rows": [],
+         "jax_devices": jax_devices}
+  mesh = sharding.make_mesh(jax_devices) if jax_devices > 1 else None
+  multi = f"am_jax_{jax_devices}dev"
   for name in workloads:
     for lt in loss_times:
       setup = build_jax(name, lt)
@@ -526,6 +541,8 @@ def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, devi
       runs["am_jax"], compile_s = jax_runner(setup, chunk_loss=chunk_loss)
       if chunk_loss:
         runs["am_jax_one_call"] = jax_runner(setup, chunk_loss=0)[0]
+      if mesh is not None:
+        runs[multi] = jax_runner(setup, mesh, chunk_loss=chunk_loss)[0]
       for label, n in settings.items():
         ref = TorchAM(setup, device=device)
         if n is not None:
@@ -548,6 +565,12 @@ def run_reference(workloads, loss_times, threads=(1, 2), rounds=5, iters=5, devi
         row["one_call_over_step"] = _summary(_ratios(times, "am_jax_one_call", "am_jax"))
       best = [min(times[f"torch_{label}"]["round_medians_s"][r] for label in settings) for r in range(rounds)]
       row["jax_over_best_torch"] = _summary([a / b for a, b in zip(times["am_jax"]["round_medians_s"], best)])
+      if mesh is not None:
+        row["multi_device"] = {"devices": jax_devices, "over_step": _summary(_ratios(times, multi, "am_jax")),
+                               "over_best_torch": _summary([a / b for a, b in zip(times[multi]["round_medians_s"],
+                                                                                  best)])}
+        for label in settings:
+          row["multi_device"][f"over_torch_{label}"] = _summary(_ratios(times, multi, f"torch_{label}"))
       out["rows"].append(row)
       print(_line(row, list(settings)), flush=True)
   return out
@@ -560,6 +583,10 @@ def _line(row, threads):
     r, c = row[f"jax_over_torch_{n}"], row[f"cpu_jax_over_torch_{n}"]
     parts.append(f"torch {n} {1e3 * s[f'torch_{n}']:8.2f} ms  am_jax/torch wall {r['median']:.3f} "
                  f"({r['min']:.3f}-{r['max']:.3f}) cpu {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f})")
+  if "multi_device" in row:
+    r = row["multi_device"]["over_best_torch"]
+    parts.append(f"on {row['multi_device']['devices']} devices / faster torch {r['median']:.3f} "
+                 f"({r['min']:.3f}-{r['max']:.3f})")
   if "one_call_over_step" in row:
     r = row["one_call_over_step"]
     parts.append(f"loss in one call {1e3 * s['am_jax_one_call']:8.2f} ms, one call / chunked {r['median']:.3f} "
@@ -617,6 +644,20 @@ def reference_markdown(out) -> str:
       for n in threads:
         q = row[f"one_call_over_torch_{n}"]
         cells.append(f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f})")
+      lines.append("| " + " | ".join(cells) + " |")
+  multi = [row for row in out["rows"] if "multi_device" in row]
+  if multi:
+    n = multi[0]["multi_device"]["devices"]
+    lines += ["", f"am_jax's step with the batch sharded over {n} devices (`--jax_devices={n}`: XLA host devices, one "
+              "per core), timed in the same rounds; wall clock, median (min-max) over the rounds, < 1: faster:", "",
+              f"| workload | M | on {n} devices ms | / 1 device | "
+              + " | ".join(f"/ torch {t}" for t in threads) + " | / faster torch |",
+              "|---|---|---|---|" + "---|" * len(threads) + "---|"]
+    fmt = lambda q: f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f})"  # noqa: E731
+    for row in multi:
+      md = row["multi_device"]
+      cells = [row["workload"], str(row["num_loss_steps"]), f"{1e3 * row['step_s'][f'am_jax_{n}dev']:.1f}",
+               fmt(md["over_step"])] + [fmt(md[f"over_torch_{t}"]) for t in threads] + [fmt(md["over_best_torch"])]
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -866,8 +907,9 @@ def main(argv):
   f = flags.FLAGS
   workloads = [w for w in f.workloads if w]
   if f.mode == "reference":
+    common.jax_host_devices(f.jax_devices)
     out = run_reference(workloads, f.loss_times.split(","), tuple(int(n) for n in f.threads), f.rounds, f.iters,
-                        f.torch_device, f.settle, f.chunk_loss)
+                        f.torch_device, f.settle, f.chunk_loss, jax_devices=f.jax_devices)
     print(reference_markdown(out))
     name = f.out_name or ("torch_reference_cpu" if f.torch_device == "cpu" else "torch_reference_gpu")
     _write(os.path.join(f.out_dir, name), out, reference_markdown(out))
@@ -908,6 +950,8 @@ def _define_flags():
   flags.DEFINE_integer("chunk_loss", 4, "am_jax's AMConfig.chunk_loss (loss time steps per chunk; must divide M) "
                        "in --mode=reference; 0: the loss in one call only.  The one-call step is timed beside it.")
   flags.DEFINE_integer("torch_threads", 1, "--mode=xla: torch threads of the yardstick.")
+  flags.DEFINE_integer("jax_devices", 1, "--mode=reference: also time am_jax's step with the batch sharded over this "
+                       "many devices (on a CPU: XLA host devices, one per core, set up here; 1: not).")
   flags.DEFINE_integer("passes", 2, "--mode=xla: alternating passes over the XLA_FLAGS variants.")
 
 

@@ -1041,32 +1041,11 @@ def training_markdown(out) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def jax_host_devices(n: int) -> int:
-  """Makes jax see ``n`` devices: on a CPU, ``n`` XLA host devices (``--xla_force_host_platform_device_count``, set
-  here before jax starts its backend unless XLA_FLAGS already sets it); returns ``jax.device_count()``.
-
-  Raises ValueError naming ``--jax_devices`` if n < 1 or jax has fewer than n devices.
-  """
-  if n < 1:
-    raise ValueError(f"--jax_devices={n}: must be >= 1.")
-  flags_env = os.environ.get("XLA_FLAGS", "")
-  if n > 1 and "xla_force_host_platform_device_count" not in flags_env:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    if xla_bridge.backends_are_initialized():
-      raise ValueError(f"--jax_devices={n}: jax's backend is already started; set XLA_FLAGS="
-                       f"--xla_force_host_platform_device_count={n} before the process starts.")
-    os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={n}".strip()
-  count = jax.device_count()
-  if count < n:
-    raise ValueError(f"--jax_devices={n}: jax has {count} {jax.default_backend()} device(s).")
-  return count
-
-
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  jax_host_devices(f.jax_devices)
+  common.jax_host_devices(f.jax_devices)
   prefix = os.path.join(f.out_dir, f.out_name)
   # Parts not run now are kept from an earlier run's file (timing and training are separate commands).
   result = {}

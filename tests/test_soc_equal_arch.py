@@ -165,24 +165,3 @@ def test_step_lower_bound_of_the_torch_comparison():
   assert b["bound_reuse_s"] == pytest.approx(0.01 + 0.01) and b["bound_recompute_s"] == pytest.approx(0.025)
   assert b["rollout_flops_per_s"] == pytest.approx(2e11)
 
-
-def test_torch_comparison_steps_on_two_devices_match_one_device():
-  """benchmarks/torch_soc_reference --jax_devices=2: the timed multi-device step (paths sharded, parameters
-  replicated) gives the one-device losses, and the rollout floor on a mesh the one-device end states; a mesh is
-  refused for the other floor parts, --jax_devices < 1 or above the device count is refused naming the flag."""
-  from am_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from benchmarks import torch_soc_reference as tsr  # pylint: disable=g-import-not-at-top
-  side = tsr.build_jax("linear_ou", "socm", batch=8, num_steps=8, hidden=(16, 8), problem_kw=dict(dim=4))
-  mesh = sharding_lib.make_mesh(2)
-  one, two = tsr.jax_runner(side)[0], tsr.jax_runner(side, mesh)[0]
-  for _ in range(2):
-    np.testing.assert_allclose(float(two()), float(one()), rtol=1e-5)
-  ends = [tsr.jax_floor_runner(side, "rollout", m)[0]()["x_end"] for m in (None, mesh)]
-  assert ends[1].sharding.spec[0] == sharding_lib.DATA_AXIS
-  np.testing.assert_allclose(np.asarray(ends[1]), np.asarray(ends[0]), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="part 'rollout'"):
-    tsr.jax_floor_runner(side, "loss", mesh)
-  assert tsr.jax_host_devices(1) == jax.device_count()
-  for bad in (0, jax.device_count() + 1):
-    with pytest.raises(ValueError, match=f"--jax_devices={bad}"):
-      tsr.jax_host_devices(bad)
