@@ -161,7 +161,7 @@ def get_config(arg=None):
   # Devices the batch of paths (training and evaluation) is sharded over: 1 = one device, no sharding (the programs
   # of the runs above); -1 = all; batch_size and eval_batch_size must divide by it.  On a CPU, N XLA host devices
   # (XLA_FLAGS=--xla_force_host_platform_device_count=N, one per core) run the sequential rollout on every core:
-  # 1.06-1.23x faster steps on 2 cores at net=socm (docs/soc.md, "Two host devices").
+  # 1.05-1.23x faster steps on 2 cores at net=socm (docs/soc.md, "Two host devices").
   c.num_devices = 1
   c.update(_OVERRIDES[c.problem])
   if options["net"] == "socm":
