@@ -527,12 +527,13 @@ def run_timing(problems, nets=("socm",), threads=(1, 2), rounds=5, iters=2, socm
   """am_jax (jax's default device) against torch on ``device`` (CPU: one AM run per thread count in ``threads``).
 
   jax_devices > 1: also am_jax's step with the paths sharded over that many devices (``--config.num_devices``; on a
-  CPU, XLA host devices, one per core: ``jax_host_devices``), timed in the same rounds ("am_jax_<n>dev").
+  CPU, XLA host devices, one per core: ``common.jax_host_devices``), timed in the same rounds ("am_jax_<n>dev").
   """
   torch = _torch()
   settings = tr.torch_settings(threads, device)
   mesh = sharding_lib.make_mesh(jax_devices) if jax_devices > 1 else None
-  out = {"jax_devices": jax_devices, "machine": common.machine_info(), "torch": torch.__version__, "threads": list(settings),
+  out = {"jax_devices": jax_devices, "machine": common.machine_info(), "torch": torch.__version__,
+         "threads": list(settings),
          "torch_device": tr._device_name(device), "jax_device": jax.devices()[0].device_kind,  # pylint: disable=protected-access
          "rounds": rounds, "iters": iters, "load_average": tr._load_average(), "rows": [], "skipped": []}  # pylint: disable=protected-access
   for net in nets:
@@ -762,8 +763,9 @@ def dot_peak_flops(n: int = 2048, reps: int = 7) -> float:
 def step_lower_bound(rollout_wall_s: float, unit_flops: float, peak_flops: float) -> dict:
   """Lower bounds on the wall time of an AM step whose rollout is as measured (``rollout_wall_s``).
 
-  The rollout is sequential (X_{k+1} needs u(X_k)) and its K forwards at batch B run on one core (measured: CPU time
-  = wall time; B = 64-128 rows are too few to split a dot across cores profitably), so it is taken as measured.
+  The rollout is sequential (X_{k+1} needs u(X_k)) and on one XLA device its K forwards at batch B run on one core
+  (measured: CPU time = wall time; B = 64-128 rows are too few to split a dot across cores profitably), so it is
+  taken as measured (on N host devices: the rollout over the mesh, each device's paths on its own core).
   The loss gradient needs at least the backward of the network at the K B loss points, 2 units of
   ``unit_flops`` (input and weight cotangents) if its forward were reused from the rollout, 3 units with the
   forward recomputed (what am_jax and torch do), each at no more than ``peak_flops`` (all cores).
