@@ -651,7 +651,7 @@ def reference_markdown(out) -> str:
     lines += ["", f"am_jax's step with the batch sharded over {n} devices (`--jax_devices={n}`: XLA host devices, one "
               "per core), timed in the same rounds; wall clock, median (min-max) over the rounds, < 1: faster.  The "
               "one-device step of such a run can run slower than in a process of one device (measured 2026-11-27: up "
-              "to 1.6x on the 3x256 MLP rows, not on the toy or the SOC steps), so '/ 1 device' is an upper bound on "
+              "to 1.6x on the 3x256 MLP rows, up to 1.3x on the SOC steps), so '/ 1 device' is an upper bound on "
               "the gain; compare with a run without `--jax_devices`:", "",
               f"| workload | M | on {n} devices ms | / 1 device | "
               + " | ".join(f"/ torch {t}" for t in threads) + " | / faster torch |",

@@ -665,7 +665,8 @@ def timing_markdown(out) -> str:
               "per core, `--config.num_devices`), in the same rounds.  Wall clock is the measure here (its point is "
               "to keep both cores busy, and CPU time counts both); speed-up = torch / am_jax on "
               f"{n} devices, median (min-max) over the rounds.  The one-device step of such a run can be slower than "
-              "in a process of one device (not seen on these steps, up to 1.6x on benchmarks/torch_reference's MLP): "
+              "in a process of one device (1.03-1.29x on these steps in the second of two runs of 2026-11-27, up to 1.6x on "
+              "benchmarks/torch_reference's MLP): "
               "for the gain over one device, compare with a run without `--jax_devices`:", "",
               f"| problem | net | am_jax ms, wall | am_jax on {n} devices ms, wall | its speed-up over 1 device, wall | "
               + " | ".join(f"vs torch AM {t}, wall | CPU" for t in threads) + " | vs faster torch AM, wall | CPU |",
