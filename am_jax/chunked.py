@@ -69,6 +69,9 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
   is_float = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
   fixed = [leaf for leaf, f in zip(leaves, is_float) if not f]
 
+  def _split(tree, axes, offset):  # each path axis -> (G, B / G); no sharding constraint (the copies carry it)
+    return sharding_lib.split_paths(tree, axes, groups, offset, caller="separable_loss_in_chunks")
+
   def merged(float_leaves):
     it_float, it_fixed = iter(float_leaves), iter(fixed)
     return jax.tree.unflatten(treedef, [next(it_float) if f else next(it_fixed) for f in is_float])
@@ -76,7 +79,7 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
   def forward(float_leaves, consts, data):  # the value only: no VJP when no gradient is asked for
     fn = lambda c, chunk: term_fn(merged(float_leaves), c, chunk)  # noqa: E731
     if groups > 1:  # each device its own rows, in the order of accumulate_per_device
-      consts, data = _split_batch(consts, batch_axes[0], groups, 0), _split_batch(data, batch_axes[1], groups, 1)
+      consts, data = _split(consts, batch_axes[0], 0), _split(data, batch_axes[1], 1)
       fn = jax.vmap(fn, in_axes=batch_axes)
     terms, extras = jax.lax.scan(lambda carry, chunk: (carry, fn(consts, chunk)), None, data)[1]
     return terms.reshape(-1), extras
@@ -92,8 +95,8 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
   def accumulate_per_device(float_leaves, consts, data):
     consts_axes, chunk_axes = batch_axes
     on_devices = lambda tree: jax.tree.map(lambda z: sharding_lib.constrain_batch(z, mesh, 0), tree)  # noqa: E731
-    consts_g = _split_batch(consts, consts_axes, groups, 0)
-    data_g = _split_batch(data, chunk_axes, groups, 1)  # data has the chunk axis in front
+    consts_g = _split(consts, consts_axes, 0)
+    data_g = _split(data, chunk_axes, 1)  # data has the chunk axis in front
     per_group = jax.vmap(lambda fl, c, chunk: term_fn(merged(fl), c, chunk), in_axes=(0, consts_axes, chunk_axes))
     # G copies of the parameters, copy g on device g: the gradient of copy g is device g's partial sum.
     copies = on_devices([jnp.broadcast_to(leaf, (groups,) + leaf.shape) for leaf in float_leaves])
@@ -120,18 +123,3 @@ def separable_loss_in_chunks(term_fn: Callable, params, data, loss_of_terms: Cal
   loss_terms_extras.defvjp(fwd, bwd)
   return loss_terms_extras([leaf for leaf, f in zip(leaves, is_float) if f], consts, data)
 
-
-def _split_batch(tree, axes, groups: int, offset: int):
-  """Each leaf's batch axis (``axes``: a vmap in_axes prefix of ``tree``; + ``offset``) of size B split into
-  (groups, B / groups), the groups axis where the batch axis was."""
-  def split(axis, sub):
-    if axis is None:
-      return sub
-    def one(z):
-      a = axis + offset
-      if z.shape[a] % groups:
-        raise ValueError(f"separable_loss_in_chunks: a batch axis of size {z.shape[a]} does not split over the "
-                         f"{groups} devices of the mesh.")
-      return z.reshape(z.shape[:a] + (groups, z.shape[a] // groups) + z.shape[a + 1:])
-    return jax.tree.map(one, sub)
-  return jax.tree.map(split, axes, tree, is_leaf=lambda x: x is None)

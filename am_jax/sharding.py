@@ -146,6 +146,28 @@ def rows_by_device_inverse(rows, lead: int, mesh: Optional[Mesh]):
   return constrain_batch(x.reshape((lead, b) + rows.shape[1:]), mesh, 1)
 
 
+def split_paths(tree, axes, groups: int, offset: int = 0, mesh: Optional[Mesh] = None, caller: str = "split_paths"):
+  """Each leaf's path axis (``axes``: a ``jax.vmap`` in_axes prefix of ``tree``, None = not per path; + ``offset``)
+  of size B split into (groups, B / groups) contiguous groups, the groups axis where the path axis was; with a mesh
+  the groups axis is constrained to it (group g on device g).  ValueError naming ``caller`` if B does not split."""
+  def split(axis, z):
+    if axis is None:
+      return z
+    a = axis + offset
+    if z.shape[a] % groups:
+      raise ValueError(f"{caller}: a path axis of size {z.shape[a]} does not split over the {groups} devices of the "
+                       "mesh.")
+    return constrain_batch(z.reshape(z.shape[:a] + (groups, z.shape[a] // groups) + z.shape[a + 1:]), mesh, a)
+
+  return _prefix_map(split, axes, tree)
+
+
+def _prefix_map(fn_leaf, axes, tree):
+  """fn_leaf(axis, leaf) for every leaf below each entry of ``axes``, a ``jax.vmap`` in_axes-style prefix of tree."""
+  return jax.tree.map(lambda ax, sub: jax.tree.map(lambda z: fn_leaf(ax, z), sub), axes, tree,
+                      is_leaf=lambda x: x is None)
+
+
 def grad_by_device(fn, mesh: Optional[Mesh], batch_axes, out_axes=0):
   """``fn(params, *batched) -> outputs`` rewritten so that its gradient in ``params`` is summed over devices once.
 
@@ -170,18 +192,6 @@ def grad_by_device(fn, mesh: Optional[Mesh], batch_axes, out_axes=0):
   if g == 1:
     return fn
 
-  def split(axis, z):
-    if axis is None:
-      return z
-    if z.shape[axis] % g:
-      raise ValueError(f"grad_by_device: a path axis of size {z.shape[axis]} does not split over the {g} devices "
-                       "of the mesh.")
-    return constrain_batch(z.reshape(z.shape[:axis] + (g, z.shape[axis] // g) + z.shape[axis + 1:]), mesh, axis)
-
-  def prefix_map(fn_leaf, axes, tree):  # fn_leaf(axis, leaf) for every leaf below each entry of the prefix ``axes``
-    return jax.tree.map(lambda a, sub: jax.tree.map(lambda z: fn_leaf(a, z), sub), axes, tree,
-                        is_leaf=lambda x: x is None)
-
   def merge(axis, z):
     if axis is None:
       return z[0]
@@ -191,9 +201,9 @@ def grad_by_device(fn, mesh: Optional[Mesh], batch_axes, out_axes=0):
     if len(batched) != len(batch_axes):
       raise ValueError(f"grad_by_device: {len(batched)} batched arguments, {len(batch_axes)} batch_axes.")
     copies = jax.tree.map(lambda z: constrain_batch(jnp.broadcast_to(z, (g,) + jnp.shape(z)), mesh, 0), params)
-    groups = [prefix_map(split, a, b) for a, b in zip(batch_axes, batched)]
+    groups = [split_paths(b, a, g, mesh=mesh, caller="grad_by_device") for a, b in zip(batch_axes, batched)]
     out = jax.vmap(fn, in_axes=(0,) + tuple(batch_axes), out_axes=out_axes)(copies, *groups)
-    return prefix_map(merge, out_axes, out)
+    return _prefix_map(merge, out_axes, out)
 
   return wrapped
 

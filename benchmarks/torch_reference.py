@@ -594,6 +594,11 @@ def _line(row, threads):
   return "  |  ".join(parts)
 
 
+def _fmt(summary) -> str:
+  """'median (min-max)' of a ``_summary``, 3 decimals."""
+  return f"{summary['median']:.3f} ({summary['min']:.3f}-{summary['max']:.3f})"
+
+
 def _labels(out):
   """The torch runs' labels of a results dict ('1t', '2t', 'cuda'; older files list thread counts)."""
   return [n if isinstance(n, str) else f"{n}t" for n in out["threads"]]
@@ -625,9 +630,7 @@ def reference_markdown(out) -> str:
     cells = [row["workload"], str(row["num_loss_steps"]), f"{1e3 * s['am_jax']:.1f} / {1e3 * c['am_jax']:.1f}"]
     for n in threads:
       r, rc = row[f"jax_over_torch_{n}"], row[f"cpu_jax_over_torch_{n}"]
-      cells += [f"{1e3 * s[f'torch_{n}']:.1f} / {1e3 * c[f'torch_{n}']:.1f}",
-                f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})",
-                f"{rc['median']:.3f} ({rc['min']:.3f}-{rc['max']:.3f})"]
+      cells += [f"{1e3 * s[f'torch_{n}']:.1f} / {1e3 * c[f'torch_{n}']:.1f}", _fmt(r), _fmt(rc)]
     lines.append("| " + " | ".join(cells) + " |")
   one_call = [row for row in out["rows"] if "one_call_over_step" in row]
   if one_call:
@@ -640,10 +643,9 @@ def reference_markdown(out) -> str:
     for row in one_call:
       r = row["one_call_over_step"]
       cells = [row["workload"], str(row["num_loss_steps"]), f"{1e3 * row['step_s']['am_jax_one_call']:.1f}",
-               f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"]
+               _fmt(r)]
       for n in threads:
-        q = row[f"one_call_over_torch_{n}"]
-        cells.append(f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f})")
+        cells.append(_fmt(row[f"one_call_over_torch_{n}"]))
       lines.append("| " + " | ".join(cells) + " |")
   multi = [row for row in out["rows"] if "multi_device" in row]
   if multi:
@@ -656,11 +658,10 @@ def reference_markdown(out) -> str:
               f"| workload | M | on {n} devices ms | / 1 device | "
               + " | ".join(f"/ torch {t}" for t in threads) + " | / faster torch |",
               "|---|---|---|---|" + "---|" * len(threads) + "---|"]
-    fmt = lambda q: f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f})"  # noqa: E731
     for row in multi:
       md = row["multi_device"]
       cells = [row["workload"], str(row["num_loss_steps"]), f"{1e3 * row['step_s'][f'am_jax_{n}dev']:.1f}",
-               fmt(md["over_step"])] + [fmt(md[f"over_torch_{t}"]) for t in threads] + [fmt(md["over_best_torch"])]
+               _fmt(md["over_step"])] + [_fmt(md[f"over_torch_{t}"]) for t in threads] + [_fmt(md["over_best_torch"])]
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
